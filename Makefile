@@ -1,0 +1,40 @@
+# Two set-up commands for a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+PYTHON ?= python3
+
+.PHONY: install run test peers bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,postgres]"
+	touch $@
+
+## Start the node on the embedded default (SQLite + ./var, AE PACSNODE, port 11112).
+run: install
+	$(VENV)/bin/pacsnode serve
+
+## The real peers the tests and benchmarks use: DCMTK, Orthanc, dicom3tools.
+peers:
+	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
+	    && command -v storescp >/dev/null && command -v Orthanc >/dev/null \
+	    && command -v dciodvfy >/dev/null; then \
+	  echo "peers present: DCMTK, Orthanc, dicom3tools"; \
+	else \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    dcmtk orthanc dicom3tools >/dev/null; \
+	fi
+
+test: install peers
+	$(PY) -m pytest
+
+bench: install peers
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) var bench/out

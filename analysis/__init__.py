@@ -1,0 +1,1 @@
+"""Image analysis: numpy in, numpy out. No networking and no database here."""

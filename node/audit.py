@@ -1,0 +1,57 @@
+"""The association log: one row per DICOM association, for audit."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, Table, update
+
+from db.models import AssociationOutcome, AssociationRecord, utcnow
+
+_associations: Table = AssociationRecord.__table__  # type: ignore[assignment]
+
+
+class AssociationLog:
+    """Opens, counts and closes association rows."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def open(self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int) -> int:
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    _associations.insert()
+                    .values(
+                        calling_ae=calling_ae[:16],
+                        called_ae=called_ae[:16],
+                        peer_host=peer_host[:255],
+                        peer_port=peer_port,
+                        started_at=utcnow(),
+                        instances_stored=0,
+                        instances_duplicate=0,
+                        instances_failed=0,
+                        outcome=AssociationOutcome.OPEN.value,
+                    )
+                    .returning(_associations.c.id)
+                ).scalar_one()
+            )
+
+    def count(self, association_id: int, *, duplicate: bool = False, failed: bool = False) -> None:
+        """Count a duplicate or a refused instance (stored ones are counted by the index)."""
+        column = _associations.c.instances_duplicate if duplicate else _associations.c.instances_failed
+        if not (duplicate or failed):
+            raise ValueError("count what? pass duplicate=True or failed=True")
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(_associations)
+                .where(_associations.c.id == association_id)
+                .values({column: column + 1})
+            )
+
+    def close(self, association_id: int, outcome: AssociationOutcome) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(_associations)
+                .where(_associations.c.id == association_id)
+                .where(_associations.c.outcome == AssociationOutcome.OPEN.value)
+                .values(outcome=outcome.value, ended_at=utcnow())
+            )

@@ -1,0 +1,292 @@
+"""The ``pacsnode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import __version__
+from node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("pacsnode")
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed without a traceback, exit status 2."""
+
+
+def _engine(settings: Settings) -> Engine:
+    from db.session import make_engine
+
+    return make_engine(settings.database_url, settings.database.busy_timeout_s)
+
+
+def prepare_database(engine: Engine, upgrade_empty: bool = True) -> None:
+    """Create the schema on an empty database; refuse one that is behind."""
+    from db import migrate
+
+    if upgrade_empty and migrate.is_empty(engine):
+        migrate.upgrade(engine)
+        log.info("created the database schema (revision %s)", migrate.head_revision())
+        return
+    current, head = migrate.current_revision(engine), migrate.head_revision()
+    if current != head:
+        raise CLIError(
+            f"the database is at schema revision {current or 'none'}, this version needs "
+            f"{head}: run 'pacsnode db upgrade' first"
+        )
+
+
+def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
+    from node.scu import Peer
+
+    host = args.host or ("127.0.0.1" if settings.node.host in ("0.0.0.0", "::") else settings.node.host)
+    return Peer(
+        host=host,
+        port=args.port or settings.node.port,
+        ae_title=args.called_ae or settings.node.ae_title,
+        calling_ae=args.calling_ae,
+    )
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from node.audit import AssociationLog
+    from node.index import InstanceIndex
+    from node.ingest import Ingestor
+    from node.scp import StorageSCP
+    from node.stability import StabilityMonitor
+    from node.storage import InstanceStore
+
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = _engine(settings)
+    prepare_database(engine)
+    audit = AssociationLog(engine)
+    ingestor = Ingestor(InstanceStore(settings.storage.data_dir), InstanceIndex(engine), audit)
+    scp = StorageSCP(settings.node, ingestor, audit)
+    try:
+        scp.start()
+    except OSError as exc:
+        raise CLIError(
+            f"cannot listen on {settings.node.host}:{settings.node.port} ({exc.strerror}); "
+            "set node.port to a free port"
+        ) from None
+    monitor = StabilityMonitor(engine, settings.study.stable_age_s, settings.study.check_interval_s)
+    monitor.start()
+    log.info(
+        "pacsnode %s ready: AE %s, data in %s, database %s",
+        __version__,
+        settings.node.ae_title,
+        settings.storage.data_dir.resolve(),
+        engine.url.render_as_string(hide_password=True),
+    )
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    monitor.stop()
+    scp.stop()
+    ingestor.close()
+    engine.dispose()
+    return 0
+
+
+def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
+    from node.scu import echo
+
+    peer = _peer_defaults(settings, args)
+    try:
+        status = echo(peer)
+    except ConnectionError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from node.scu import iter_files, send_files
+
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise CLIError(f"no such file or folder: {', '.join(missing)}")
+    peer = _peer_defaults(settings, args)
+    total = sum(1 for _ in iter_files(args.paths))
+    with tqdm(total=total, unit="file", desc="sending", disable=args.quiet or None, file=sys.stderr) as bar:
+        summary = send_files(args.paths, peer, lambda _path, _ok: bar.update(1))
+    if args.json:
+        print(json.dumps({
+            "sent": summary.sent,
+            "failed": len(summary.failures),
+            "failures": [{"path": f.path, "reason": f.reason} for f in summary.failures],
+        }, indent=2))
+    else:
+        print(f"{summary.sent} sent, {len(summary.failures)} failed "
+              f"(to {peer.ae_title}@{peer.host}:{peer.port})")
+        for failure in summary.failures:
+            print(f"  FAILED {failure.path}: {failure.reason}")
+    return 0 if summary.ok else 1
+
+
+def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
+    from node.catalog import list_studies
+
+    engine = _engine(settings)
+    prepare_database(engine)
+    studies = list_studies(engine)
+    if args.json:
+        print(json.dumps(studies, indent=2))
+        return 0
+    if not studies:
+        print("no studies")
+        return 0
+    print(f"{'STUDY INSTANCE UID':<64}  {'PATIENT ID':<16} {'STATUS':<10} {'SERIES':>6} {'INST':>6}  RECEIVED")
+    for study in studies:
+        print(
+            f"{study['study_instance_uid']:<64}  {study['patient_id'][:16]:<16} "
+            f"{study['status']:<10} {len(study['series']):>6} {study['instances']:>6}  "
+            f"{study['received_at']}"
+        )
+    return 0
+
+
+def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
+    from node.catalog import study_detail
+
+    engine = _engine(settings)
+    prepare_database(engine)
+    detail = study_detail(engine, args.uid)
+    if detail is None:
+        raise CLIError(f"no study with Study Instance UID {args.uid} (see 'pacsnode studies')")
+    if args.json:
+        print(json.dumps(detail, indent=2))
+        return 0
+    print(f"Study {detail['study_instance_uid']}")
+    print(f"  patient   {detail['patient_id']} {detail['patient_name']}")
+    print(f"  status    {detail['status']} (stable at {detail['stable_at'] or '-'})")
+    print(f"  received  {detail['received_at']} .. {detail['last_received_at']}")
+    print(f"  instances {detail['instances']}")
+    for series in detail["series"]:
+        print(
+            f"  series {series['series_number'] or '-':>4} {series['modality']:<4} "
+            f"{series['instances']:>5} inst  {series['series_description']}  "
+            f"{series['series_instance_uid']}"
+        )
+    for event in detail["events"]:
+        print(f"  {event['at']}  {event['from'] or '-'} -> {event['to']}: {event['reason']}")
+    for assoc in detail["associations"]:
+        print(
+            f"  from {assoc['calling_ae']} ({assoc['peer']}) {assoc['started_at']}: "
+            f"{assoc['instances_of_this_study']} instances, {assoc['outcome']}"
+        )
+    return 0
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    from db import migrate
+
+    engine = _engine(settings)
+    before, after = migrate.upgrade(engine)
+    if before == after:
+        print(f"database already at revision {after}")
+    else:
+        print(f"database upgraded from {before or 'empty'} to revision {after}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def _add_peer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="peer host (default: this node's host)")
+    parser.add_argument("--port", type=int, help="peer port (default: node.port)")
+    parser.add_argument("--called-ae", help="peer AE title (default: node.ae_title)")
+    parser.add_argument("--calling-ae", default="PACSNODE_SCU", help="our AE title")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacsnode", description="DICOM-native PACS integration node."
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML configuration (default: $PACSNODE_CONFIG)"
+    )
+    # Sub-commands accept --config too; SUPPRESS keeps them from resetting a value
+    # given before the sub-command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"pacsnode {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the DICOM node")
+    serve.set_defaults(func=cmd_serve)
+
+    echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
+    _add_peer_options(echo)
+    echo.set_defaults(func=cmd_echo)
+
+    send = commands.add_parser("send", parents=[common], help="C-STORE files and folders")
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    _add_peer_options(send)
+    send.add_argument("--json", action="store_true", help="print the summary as JSON")
+    send.add_argument("--quiet", action="store_true", help="no progress bar")
+    send.set_defaults(func=cmd_send)
+
+    studies = commands.add_parser("studies", parents=[common], help="list received studies")
+    studies.add_argument("--json", action="store_true")
+    studies.set_defaults(func=cmd_studies)
+
+    study = commands.add_parser("study", parents=[common], help="show one study")
+    study.add_argument("uid", metavar="UID")
+    study.add_argument("--json", action="store_true")
+    study.set_defaults(func=cmd_study)
+
+    db = commands.add_parser("db", parents=[common], help="database administration")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = db_commands.add_parser("upgrade", parents=[common], help="apply migrations")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        logging.basicConfig(
+            level=settings.logging.level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        # pynetdicom logs every PDU at INFO; keep it for DEBUG runs only.
+        if settings.logging.level != "DEBUG":
+            for noisy in ("pynetdicom", "alembic"):
+                logging.getLogger(noisy).setLevel(logging.WARNING)
+        return int(args.func(settings, args))
+    except ConfigError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return 2
+    except CLIError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"pacsnode: database error: {reason} (check database.url)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Read the attributes the node indexes from a received dataset, without its pixels.
+
+The SCP receives the dataset encoded in the negotiated transfer syntax. We keep those
+bytes as they are (the stored file is byte-exact) and parse only the header here:
+pydicom reads elements lazily, and we stop before Pixel Data.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node.status import StoreStatus
+
+_PIXEL_DATA = 0x7FE00010
+
+
+class HeaderError(Exception):
+    """A received dataset the node cannot accept; carries the DIMSE status to answer."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The identifying and descriptive attributes of one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_description: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    instance_number: int | None
+
+
+_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "InstanceNumber",
+)
+# Only these are converted from raw bytes: this runs once per received instance.
+_TAGS = [tag_for_keyword(keyword) for keyword in _KEYWORDS]
+
+
+def _stop_at_pixels(tag: int, vr: str | None, length: int) -> bool:
+    return tag >= _PIXEL_DATA
+
+
+def inflate(raw: bytes) -> bytes:
+    """Undo the Deflated Explicit VR Little Endian encoding of a dataset (raw deflate)."""
+    return zlib.decompress(raw, -zlib.MAX_WBITS)
+
+
+def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
+    """Parse the elements the node indexes, stopping before Pixel Data.
+
+    Every element up to Pixel Data is still walked, so a truncated or garbled
+    encoding fails here.
+
+    Raises
+    ------
+    HeaderError
+        With status *cannot understand* when the bytes are not a DICOM dataset.
+    """
+    ts = UID(transfer_syntax)
+    try:
+        data = inflate(raw) if ts == DeflatedExplicitVRLittleEndian else raw
+        dataset = read_dataset(
+            BytesIO(data),
+            is_implicit_VR=ts.is_implicit_VR,
+            is_little_endian=ts.is_little_endian,
+            stop_when=_stop_at_pixels,
+            specific_tags=_TAGS,  # type: ignore[arg-type]
+        )
+        for elem in dataset:  # convert now so a malformed value fails here
+            _ = elem.value
+    except HeaderError:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage input
+        raise HeaderError(
+            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
+        ) from exc
+    return dataset
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    value = dataset.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    value = dataset.get(keyword)
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _uid(dataset: Dataset, keyword: str) -> str:
+    value = _text(dataset, keyword)
+    if not value:
+        raise HeaderError(StoreStatus.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
+    if not UID(value).is_valid:
+        raise HeaderError(
+            StoreStatus.INVALID_UID, f"{keyword} is not a valid DICOM UID: {value[:70]!r}"
+        )
+    return value
+
+
+def extract_header(dataset: Dataset) -> InstanceHeader:
+    """Validate the UIDs the node files instances under and collect key attributes.
+
+    A UID that is not a valid DICOM UID (only digits and dots, no empty or leading-zero
+    components, at most 64 characters) is refused: UIDs become path components on
+    disk, so this check is also what keeps writes inside ``storage.data_dir``.
+    """
+    return InstanceHeader(
+        sop_class_uid=_uid(dataset, "SOPClassUID"),
+        sop_instance_uid=_uid(dataset, "SOPInstanceUID"),
+        study_instance_uid=_uid(dataset, "StudyInstanceUID"),
+        series_instance_uid=_uid(dataset, "SeriesInstanceUID"),
+        patient_id=_text(dataset, "PatientID"),
+        issuer_of_patient_id=_text(dataset, "IssuerOfPatientID"),
+        patient_name=_text(dataset, "PatientName"),
+        patient_birth_date=_text(dataset, "PatientBirthDate"),
+        patient_sex=_text(dataset, "PatientSex"),
+        study_date=_text(dataset, "StudyDate"),
+        study_time=_text(dataset, "StudyTime"),
+        accession_number=_text(dataset, "AccessionNumber"),
+        study_description=_text(dataset, "StudyDescription"),
+        modality=_text(dataset, "Modality"),
+        series_number=_integer(dataset, "SeriesNumber"),
+        series_description=_text(dataset, "SeriesDescription"),
+        body_part_examined=_text(dataset, "BodyPartExamined"),
+        instance_number=_integer(dataset, "InstanceNumber"),
+    )

@@ -1,0 +1,174 @@
+"""The DICOM listener: C-ECHO and C-STORE over pynetdicom.
+
+Handlers are thin: they translate pynetdicom events into calls on the
+:class:`~node.ingest.Ingestor` and the :class:`~node.audit.AssociationLog`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import AssociationOutcome
+from node.audit import AssociationLog
+from node.config import NodeConfig
+from node.ingest import Ingestor, StoreRequest
+from node.reactor import FastRequestHandler
+from node.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+# Per-association state kept on the Association object itself: pynetdicom runs each
+# association in its own thread and drops the object when it ends.
+_ASSOC_ID = "_pacsnode_association_id"
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm: without it each small DIMSE response waits ~40 ms."""
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def make_ae(config: NodeConfig) -> AE:
+    """An AE accepting Verification and every storage SOP class in every transfer syntax
+    pynetdicom knows (uncompressed, deflate, RLE, JPEG, JPEG-LS, JPEG 2000, HTJ2K)."""
+    ae = AE(ae_title=config.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.require_called_aet = True
+    ae.maximum_pdu_size = config.max_pdu
+    ae.maximum_associations = config.max_associations
+    ae.network_timeout = config.network_timeout_s
+    ae.acse_timeout = config.network_timeout_s
+    ae.dimse_timeout = config.network_timeout_s
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+class StorageSCP:
+    """Binds the event handlers and runs the listener in background threads."""
+
+    def __init__(self, config: NodeConfig, ingestor: Ingestor, audit: AssociationLog) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self.audit = audit
+        self.ae = make_ae(config)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end(AssociationOutcome.RELEASED)),
+            (evt.EVT_ABORTED, self._on_end(AssociationOutcome.ABORTED)),
+            (evt.EVT_CONN_CLOSE, self._on_end(AssociationOutcome.CLOSED)),
+        ]
+
+    def start(self) -> tuple[str, int]:
+        """Start listening; returns the bound (host, port)."""
+        address = (self.config.host, self.config.port)
+        server = self.ae.make_server(
+            address,
+            evt_handlers=self.handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=FastRequestHandler,
+        )
+        set_nodelay(server.socket)
+        self._server = server
+        self.ae._servers.append(server)
+        import threading
+
+        threading.Thread(
+            target=server.serve_forever, name="dicom-listener", daemon=True
+        ).start()
+        host, port = server.server_address[:2]
+        log.info("listening as %s on %s:%s", self.config.ae_title, host, port)
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        self.ae.shutdown()
+
+    # -- handlers -------------------------------------------------------------
+
+    @staticmethod
+    def _on_connect(event: evt.Event) -> None:
+        set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        try:
+            row = self.audit.open(
+                requestor.ae_title, assoc.acceptor.ae_title, requestor.address, requestor.port
+            )
+        except SQLAlchemyError:
+            log.exception("could not record association from %s", requestor.ae_title)
+            row = None
+        setattr(assoc, _ASSOC_ID, row)
+        log.info("association %s from %s (%s:%s)", row, requestor.ae_title, requestor.address, requestor.port)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        called = requestor.primitive.called_ae_title if requestor.primitive else ""
+        log.warning(
+            "rejected association from %s (%s) calling %r",
+            requestor.ae_title,
+            requestor.address,
+            called,
+        )
+        try:
+            row = self.audit.open(requestor.ae_title, str(called), requestor.address, requestor.port)
+            self.audit.close(row, AssociationOutcome.REJECTED)
+        except SQLAlchemyError:
+            log.exception("could not record rejected association")
+
+    @staticmethod
+    def _on_echo(event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        request = event.request
+        assoc: Association = event.assoc
+        result = self.ingestor.receive(
+            StoreRequest(
+                dataset=request.DataSet.getbuffer(),  # type: ignore[union-attr]
+                transfer_syntax=str(event.context.transfer_syntax),
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                calling_ae=assoc.requestor.ae_title,
+                association_id=getattr(assoc, _ASSOC_ID, None),
+            )
+        )
+        status = Dataset()
+        status.Status = int(result.status)
+        if result.status.is_failure:
+            status.ErrorComment = result.error_comment
+        return status
+
+    def _on_end(self, outcome: AssociationOutcome) -> Any:
+        def handler(event: evt.Event) -> None:
+            row = getattr(event.assoc, _ASSOC_ID, None)
+            if row is None:
+                return
+            setattr(event.assoc, _ASSOC_ID, None)
+            try:
+                self.audit.close(row, outcome)
+            except SQLAlchemyError:
+                log.exception("could not close association record %s", row)
+
+        return handler
