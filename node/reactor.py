@@ -172,6 +172,16 @@ class FastAssociation(Association):
         super().kill()
         self._wake.set()
 
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            # pynetdicom fires EVT_RELEASED and EVT_CONN_CLOSE from different threads in
+            # no fixed order; this runs once, when the association is over for good.
+            on_end = getattr(self._server, "on_association_end", None)
+            if on_end is not None:
+                on_end(self)
+
     def _run_reactor(self) -> None:
         self._is_paused = False
         while not self._kill:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -73,9 +74,6 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_end(AssociationOutcome.RELEASED)),
-            (evt.EVT_ABORTED, self._on_end(AssociationOutcome.ABORTED)),
-            (evt.EVT_CONN_CLOSE, self._on_end(AssociationOutcome.CLOSED)),
         ]
 
     def start(self) -> tuple[str, int]:
@@ -88,10 +86,9 @@ class StorageSCP:
             request_handler=FastRequestHandler,
         )
         set_nodelay(server.socket)
+        server.on_association_end = self._on_end  # type: ignore[attr-defined]
         self._server = server
         self.ae._servers.append(server)
-        import threading
-
         threading.Thread(
             target=server.serve_forever, name="dicom-listener", daemon=True
         ).start()
@@ -160,15 +157,17 @@ class StorageSCP:
             status.ErrorComment = result.error_comment
         return status
 
-    def _on_end(self, outcome: AssociationOutcome) -> Any:
-        def handler(event: evt.Event) -> None:
-            row = getattr(event.assoc, _ASSOC_ID, None)
-            if row is None:
-                return
-            setattr(event.assoc, _ASSOC_ID, None)
-            try:
-                self.audit.close(row, outcome)
-            except SQLAlchemyError:
-                log.exception("could not close association record %s", row)
-
-        return handler
+    def _on_end(self, assoc: Association) -> None:
+        row = getattr(assoc, _ASSOC_ID, None)
+        if row is None:
+            return
+        if assoc.is_released:
+            outcome = AssociationOutcome.RELEASED
+        elif assoc.is_aborted:
+            outcome = AssociationOutcome.ABORTED
+        else:
+            outcome = AssociationOutcome.CLOSED
+        try:
+            self.audit.close(row, outcome)
+        except SQLAlchemyError:
+            log.exception("could not close association record %s", row)
