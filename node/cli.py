@@ -271,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
-        # pynetdicom logs every PDU at INFO; keep it for DEBUG runs only.
         if settings.logging.level != "DEBUG":
-            for noisy in ("pynetdicom", "alembic"):
-                logging.getLogger(noisy).setLevel(logging.WARNING)
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+            # pynetdicom logs every PDU at INFO; client commands report failures themselves.
+            quiet = logging.WARNING if args.command == "serve" else logging.CRITICAL
+            logging.getLogger("pynetdicom").setLevel(quiet)
         return int(args.func(settings, args))
     except ConfigError as exc:
         print(f"pacsnode: {exc}", file=sys.stderr)

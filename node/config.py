@@ -189,6 +189,19 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def _check_env_sections() -> None:
+    """pydantic-settings ignores variables naming no section; a typo must not be silent."""
+    sections = set(Settings.model_fields)
+    for key in os.environ:
+        if key.upper().startswith(ENV_PREFIX):
+            section = key[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+            if section not in sections:
+                raise ConfigError(
+                    f"invalid configuration:\n  {section}: unknown section (from environment "
+                    f"variable {key}); known: {', '.join(sorted(sections))}"
+                )
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Load, merge and validate the configuration.
 
@@ -203,6 +216,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
     ConfigError
         With a message naming every bad key.
     """
+    _check_env_sections()
     chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
     data = _read_yaml(Path(chosen)) if chosen else {}
     try:

@@ -204,6 +204,4 @@ def _refusal(peer: Peer, assoc: object) -> str:
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if getattr(assoc, "is_rejected", False):
         return f"association rejected by {where} (check the called AE title)"
-    if getattr(assoc, "is_aborted", False):
-        return f"association aborted by {where}"
-    return f"cannot connect to {where}"
+    return f"cannot connect to {where} (connection refused, or the association request aborted)"
