@@ -14,7 +14,7 @@ from io import BytesIO
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID
 
 from node.status import StoreStatus
 
@@ -83,7 +83,8 @@ def _stop_at_pixels(tag: int, vr: str | None, length: int) -> bool:
 
 
 def inflate(raw: bytes) -> bytes:
-    """Undo the Deflated Explicit VR Little Endian encoding of a dataset (raw deflate)."""
+    """Undo the deflate encoding of a dataset (Deflated Explicit VR Little Endian and
+    the JPIP Referenced Deflate syntaxes): a raw deflate stream."""
     return zlib.decompress(raw, -zlib.MAX_WBITS)
 
 
@@ -100,7 +101,7 @@ def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
     """
     ts = UID(transfer_syntax)
     try:
-        data = inflate(raw) if ts == DeflatedExplicitVRLittleEndian else raw
+        data = inflate(raw) if ts.is_deflated else raw
         dataset = read_dataset(
             BytesIO(data),
             is_implicit_VR=ts.is_implicit_VR,
