@@ -102,15 +102,16 @@ class Ingestor:
             ),
             request.dataset,
         ]
-        # The file is written and fsync'ed in a worker while this thread writes the
-        # rows; the rows are committed only once the file is in place.
-        staging = self._pool.submit(self.store.stage, relative, parts)
-        published = False
+        # The file is written, fsync'ed and placed by a worker while this thread
+        # writes the rows; they are committed only once the file is in place.
+        writing = self._pool.submit(self.store.write, relative, parts)
 
         def make_durable() -> None:
-            nonlocal published
-            self.store.publish(staging.result())
-            published = True
+            written = writing.result()
+            if not written.placed:
+                # A file without a row: left by a crash between placing and commit.
+                # The sender is resending it; ours replaces it.
+                self.store.publish(written)
 
         try:
             new = self.index.record(
@@ -125,34 +126,37 @@ class Ingestor:
         except StorageError as exc:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         except SQLAlchemyError as exc:
-            self._drop(staging, relative if published else None)
+            self._drop(writing)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {_short(exc)}")
         if new:
             return StoreResult(StoreStatus.SUCCESS, "", False, relative.as_posix())
-        return self._duplicate(staging, relative)
+        return self._duplicate(writing, relative)
 
-    def _duplicate(self, staging: Future[StagedFile], relative: PurePosixPath) -> StoreResult:
-        """The instance is indexed already: keep the stored file, or restore a lost one."""
+    def _duplicate(self, writing: Future[StagedFile], relative: PurePosixPath) -> StoreResult:
+        """The instance is indexed already: keep the stored file (or, if it had gone
+        missing, the copy just placed)."""
         try:
-            staged = staging.result()
-            if self.store.exists(relative):
-                self.store.discard(staged)
-            else:
-                log.warning("restoring the missing file of indexed instance %s", relative.name)
-                self.store.publish(staged)
+            written = writing.result()
         except StorageError as exc:
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+            if not self.store.exists(relative):
+                return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+        else:
+            if written.placed:
+                log.warning("restored the missing file of indexed instance %s", relative.name)
+            else:
+                self.store.discard(written)
         return StoreResult(StoreStatus.SUCCESS, "duplicate", True, relative.as_posix())
 
-    def _drop(self, staging: Future[StagedFile], published: PurePosixPath | None) -> None:
+    def _drop(self, writing: Future[StagedFile]) -> None:
         """Undo the file side of an instance whose rows were not committed."""
-        if published is not None:
-            self.store.remove(published)
-            return
         try:
-            self.store.discard(staging.result())
+            written = writing.result()
         except StorageError:
-            pass
+            return
+        if written.placed:
+            self.store.remove(written.relative)
+        else:
+            self.store.discard(written)  # no-op if make_durable already published it
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

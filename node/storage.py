@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 
@@ -59,6 +59,8 @@ class StagedFile:
     tmp: Path
     target: Path
     size: int
+    #: True once it holds the final name (see :meth:`InstanceStore.place`).
+    placed: bool = False
 
 
 class InstanceStore:
@@ -84,11 +86,13 @@ class InstanceStore:
     def exists(self, relative: PurePosixPath | str) -> bool:
         return self.absolute(relative).is_file()
 
-    def write(self, relative: PurePosixPath, parts: list[bytes | memoryview]) -> int:
-        """Write ``parts`` atomically and durably; returns the file size in bytes."""
-        staged = self.stage(relative, parts)
-        self.publish(staged)
-        return staged.size
+    def write(self, relative: PurePosixPath, parts: list[bytes | memoryview]) -> StagedFile:
+        """Write ``parts`` durably under ``relative`` unless a file is already there.
+
+        The result tells whether the file was placed; if not, the fsync'ed copy waits
+        under its temporary name for :meth:`publish` or :meth:`discard`.
+        """
+        return self.place(self.stage(relative, parts))
 
     def stage(self, relative: PurePosixPath, parts: list[bytes | memoryview]) -> StagedFile:
         """Write ``parts`` to a temporary file next to the target and fsync it.
@@ -118,8 +122,34 @@ class InstanceStore:
             raise StorageError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
         return StagedFile(relative, tmp, target, size)
 
+    def place(self, staged: StagedFile) -> StagedFile:
+        """Give a staged file its final name unless a file already holds it.
+
+        Hard-linking never replaces an existing file, so this can run before the caller
+        knows whether the instance is a duplicate. Returns the file with ``placed`` set
+        when the name was free; otherwise the staged copy is left for the caller.
+        """
+        try:
+            os.link(staged.tmp, staged.target)
+        except FileExistsError:
+            return staged
+        except OSError as exc:
+            _unlink_quietly(staged.tmp)
+            raise StorageError(
+                exc.errno, f"cannot store {staged.relative}: {exc.strerror or exc}"
+            ) from exc
+        _unlink_quietly(staged.tmp)
+        try:
+            _fsync_dir(staged.target.parent)
+        except OSError as exc:
+            _unlink_quietly(staged.target)
+            raise StorageError(
+                exc.errno, f"cannot store {staged.relative}: {exc.strerror or exc}"
+            ) from exc
+        return replace(staged, placed=True)
+
     def publish(self, staged: StagedFile) -> None:
-        """Move a staged file to its final name and make the rename durable."""
+        """Move a staged file to its final name, replacing any file there, durably."""
         try:
             os.replace(staged.tmp, staged.target)
             _fsync_dir(staged.target.parent)
