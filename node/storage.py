@@ -119,7 +119,7 @@ class InstanceStore:
             _unlink_quietly(tmp)
             with self._lock:  # the folder may have been removed under us; re-check next time
                 self._synced_dirs.discard(target.parent)
-            raise StorageError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
+            raise _failed(relative, exc) from exc
         return StagedFile(relative, tmp, target, size)
 
     def place(self, staged: StagedFile) -> StagedFile:
@@ -135,17 +135,13 @@ class InstanceStore:
             return staged
         except OSError as exc:
             _unlink_quietly(staged.tmp)
-            raise StorageError(
-                exc.errno, f"cannot store {staged.relative}: {exc.strerror or exc}"
-            ) from exc
+            raise _failed(staged.relative, exc) from exc
         _unlink_quietly(staged.tmp)
         try:
             _fsync_dir(staged.target.parent)
         except OSError as exc:
             _unlink_quietly(staged.target)
-            raise StorageError(
-                exc.errno, f"cannot store {staged.relative}: {exc.strerror or exc}"
-            ) from exc
+            raise _failed(staged.relative, exc) from exc
         return replace(staged, placed=True)
 
     def publish(self, staged: StagedFile) -> None:
@@ -155,9 +151,7 @@ class InstanceStore:
             _fsync_dir(staged.target.parent)
         except OSError as exc:
             _unlink_quietly(staged.tmp)
-            raise StorageError(
-                exc.errno, f"cannot store {staged.relative}: {exc.strerror or exc}"
-            ) from exc
+            raise _failed(staged.relative, exc) from exc
 
     @staticmethod
     def discard(staged: StagedFile) -> None:
@@ -185,6 +179,10 @@ class InstanceStore:
             _fsync_dir(path.parent)
         with self._lock:
             self._synced_dirs.add(directory)
+
+
+def _failed(relative: PurePosixPath, exc: OSError) -> StorageError:
+    return StorageError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}")
 
 
 def _fsync_dir(directory: Path) -> None:
