@@ -8,6 +8,7 @@ or power loss, and a reader never sees a partial file.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
@@ -80,7 +81,7 @@ class InstanceStore:
         path = (self.root / relative).resolve()
         # UIDs are validated before they get here; this is the second line of defence.
         if not path.is_relative_to(self.root):
-            raise StorageError(f"refusing to write outside the data directory: {relative}")
+            raise StorageError(errno.EACCES, f"refusing to write outside the data directory: {relative}")
         return path
 
     def exists(self, relative: PurePosixPath | str) -> bool:
