@@ -132,11 +132,14 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps({
             "sent": summary.sent,
             "failed": len(summary.failures),
+            "skipped": summary.skipped,
             "failures": [{"path": f.path, "reason": f.reason} for f in summary.failures],
         }, indent=2))
     else:
         print(f"{summary.sent} sent, {len(summary.failures)} failed "
               f"(to {peer.ae_title}@{peer.host}:{peer.port})")
+        for skipped in summary.skipped:
+            print(f"  skipped {skipped}: a DICOMDIR index, not an instance")
         for failure in summary.failures:
             print(f"  FAILED {failure.path}: {failure.reason}")
     return 0 if summary.ok else 1

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -44,6 +48,8 @@ class SendFailure:
 class SendSummary:
     sent: int = 0
     failures: list[SendFailure] = field(default_factory=list)
+    #: DICOMDIR index files: part of a DICOM folder, not instances to send.
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -118,7 +124,13 @@ def send_files(
     items: list[_Item] = []
     for path in iter_files(paths):
         try:
-            items.append(_inspect(path))
+            item = _inspect(path)
+            if item.sop_class_uid == MediaStorageDirectoryStorage:
+                summary.skipped.append(str(path))
+                if progress:
+                    progress(path, True)
+                continue
+            items.append(item)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             summary.failures.append(SendFailure(str(path), f"not a readable DICOM file: {exc}"))
             if progress:
@@ -188,8 +200,8 @@ def _send_batch(
 def _store_one(assoc: object, item: _Item) -> tuple[bool, str]:
     try:
         status = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
-    except (ValueError, RuntimeError, OSError) as exc:
-        return False, str(exc)
+    except Exception as exc:  # pynetdicom raises several types for unsendable files
+        return False, str(exc).splitlines()[0]
     if not status:
         return False, "no response (connection lost, or timed out)"
     code = int(status.Status)
