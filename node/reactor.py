@@ -18,6 +18,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 from copy import copy
 from datetime import datetime
@@ -30,6 +31,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from node.fast_store import FastStore
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,57 @@ class FastDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self._fast: FastStore | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; C-STORE data goes to the direct path, the rest to pynetdicom.
+
+        Error handling follows pynetdicom's ``_read_pdu_data``: a short read is Evt17
+        (connection closed), an unknown or undecodable PDU Evt19.
+        """
+        sock = self.socket
+        assert sock is not None
+        header = sock.recv(6)
+        if len(header) < 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in range(0x01, 0x08):
+            log.error("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        body = sock.recv(length)
+        if len(body) != length:
+            log.error("PDU shorter than announced (%s of %s bytes)", len(body), length)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and self.state_machine.current_state == "Sta6":
+            fast = self._fast_store()
+            if fast is not None:
+                reply = fast.offer(self.assoc, memoryview(body))
+                if reply is not None:
+                    if reply:
+                        sock.send(reply)
+                    return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception as exc:
+            log.error("unable to decode the received PDU: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _fast_store(self) -> FastStore | None:
+        if self._fast is None:
+            handler = getattr(self.assoc._server, "fast_store_handler", None)
+            if handler is None:
+                return None
+            self._fast = FastStore(handler)
+        return self._fast
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)

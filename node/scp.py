@@ -87,6 +87,7 @@ class StorageSCP:
         )
         set_nodelay(server.socket)
         server.on_association_end = self._on_end  # type: ignore[attr-defined]
+        server.fast_store_handler = self._fast_store  # type: ignore[attr-defined]
         self._server = server
         self.ae._servers.append(server)
         threading.Thread(
@@ -139,23 +140,52 @@ class StorageSCP:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> Dataset:
+        """C-STOREs that pynetdicom delivers (those the direct path passed on)."""
         request = event.request
-        assoc: Association = event.assoc
+        status, comment = self._store(
+            event.assoc,
+            str(event.context.transfer_syntax),
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            request.DataSet.getbuffer(),  # type: ignore[union-attr]
+        )
+        response = Dataset()
+        response.Status = status
+        if comment:
+            response.ErrorComment = comment
+        return response
+
+    def _fast_store(
+        self, assoc: Association, transfer_syntax: str, command: Dataset, dataset: bytes
+    ) -> tuple[int, str]:
+        """C-STOREs taken by the direct path in node/fast_store.py."""
+        return self._store(
+            assoc,
+            transfer_syntax,
+            str(command.AffectedSOPClassUID),
+            str(command.AffectedSOPInstanceUID),
+            dataset,
+        )
+
+    def _store(
+        self,
+        assoc: Association,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        dataset: bytes | memoryview,
+    ) -> tuple[int, str]:
         result = self.ingestor.receive(
             StoreRequest(
-                dataset=request.DataSet.getbuffer(),  # type: ignore[union-attr]
-                transfer_syntax=str(event.context.transfer_syntax),
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                dataset=dataset,
+                transfer_syntax=transfer_syntax,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
                 calling_ae=assoc.requestor.ae_title,
                 association_id=getattr(assoc, _ASSOC_ID, None),
             )
         )
-        status = Dataset()
-        status.Status = int(result.status)
-        if result.status.is_failure:
-            status.ErrorComment = result.error_comment
-        return status
+        return int(result.status), result.error_comment if result.status.is_failure else ""
 
     def _on_end(self, assoc: Association) -> None:
         row = getattr(assoc, _ASSOC_ID, None)
