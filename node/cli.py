@@ -73,7 +73,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     engine = _engine(settings)
     prepare_database(engine)
     audit = AssociationLog(engine)
-    ingestor = Ingestor(InstanceStore(settings.storage.data_dir), InstanceIndex(engine), audit)
+    store = InstanceStore(settings.storage.data_dir)
+    if removed := store.clean_incoming():
+        log.info("removed %s staged files abandoned by an earlier crash", removed)
+    ingestor = Ingestor(
+        store, InstanceIndex(engine), audit, workers=2 * settings.node.max_associations
+    )
     scp = StorageSCP(settings.node, ingestor, audit)
     try:
         scp.start()

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import utcnow
@@ -60,11 +61,13 @@ class Ingestor:
         store: InstanceStore,
         index: InstanceIndex,
         audit: AssociationLog | None = None,
-        workers: int = 8,
+        workers: int = 64,
     ) -> None:
         self.store = store
         self.index = index
         self.audit = audit
+        # Each request may hold two workers, one waiting for the other: ``workers``
+        # must be at least twice the number of concurrent associations.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
     def receive(self, request: StoreRequest) -> StoreResult:
@@ -82,6 +85,33 @@ class Ingestor:
         return result
 
     def _receive(self, request: StoreRequest) -> StoreResult:
+        for keyword, uid in (("SOPClassUID", request.sop_class_uid),
+                             ("SOPInstanceUID", request.sop_instance_uid)):
+            if not UID(uid).is_valid:
+                return StoreResult(
+                    StoreStatus.INVALID_UID, f"{keyword} is not a valid DICOM UID: {uid[:40]!r}"
+                )
+        # The file needs nothing from the header (its meta comes from the request), so
+        # a worker writes and fsyncs it while this thread parses and indexes.
+        parts = [
+            file_meta_bytes(
+                request.sop_class_uid,
+                request.sop_instance_uid,
+                request.transfer_syntax,
+                request.calling_ae,
+            ),
+            request.dataset,
+        ]
+        staging = self._pool.submit(self.store.stage, parts)
+        try:
+            result = self._index(request, staging, sum(len(part) for part in parts))
+        finally:
+            self._tidy(staging)
+        return result
+
+    def _index(
+        self, request: StoreRequest, staging: Future[StagedFile], size: int
+    ) -> StoreResult:
         try:
             header = extract_header(parse_header(bytes(request.dataset), request.transfer_syntax))
         except HeaderError as exc:
@@ -89,35 +119,23 @@ class Ingestor:
         mismatch = _mismatch(header, request)
         if mismatch:
             return StoreResult(StoreStatus.DATASET_MISMATCH, mismatch)
-
         relative = self.store.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        parts = [
-            file_meta_bytes(
-                header.sop_class_uid,
-                header.sop_instance_uid,
-                request.transfer_syntax,
-                request.calling_ae,
-            ),
-            request.dataset,
-        ]
-        # The file is written, fsync'ed and placed by a worker while this thread
-        # writes the rows; they are committed only once the file is in place.
-        writing = self._pool.submit(self.store.write, relative, parts)
+        # Linking and the folder's fsync also overlap the database statements.
+        placing = self._pool.submit(self._place, staging, relative)
 
         def make_durable() -> None:
-            written = writing.result()
-            if not written.placed:
-                # A file without a row: left by a crash between placing and commit.
-                # The sender is resending it; ours replaces it.
-                self.store.publish(written)
+            if not placing.result():
+                # A file without a row, left by a crash between placing and commit:
+                # the sender is resending the instance, and our copy replaces it.
+                self.store.publish(staging.result(), relative)
 
         try:
             new = self.index.record(
                 header,
                 relative.as_posix(),
-                sum(len(part) for part in parts),
+                size,
                 request.transfer_syntax,
                 request.association_id,
                 utcnow(),
@@ -126,37 +144,33 @@ class Ingestor:
         except StorageError as exc:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         except SQLAlchemyError as exc:
-            self._drop(writing)
+            if _succeeded(placing):
+                self.store.remove(relative)  # no row was committed for it
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {_short(exc)}")
         if new:
             return StoreResult(StoreStatus.SUCCESS, "", False, relative.as_posix())
-        return self._duplicate(writing, relative)
+        return self._duplicate(placing, relative)
 
-    def _duplicate(self, writing: Future[StagedFile], relative: PurePosixPath) -> StoreResult:
-        """The instance is indexed already: keep the stored file (or, if it had gone
-        missing, the copy just placed)."""
+    def _place(self, staging: Future[StagedFile], relative: PurePosixPath) -> bool:
+        return self.store.place(staging.result(), relative)
+
+    def _duplicate(self, placing: Future[bool], relative: PurePosixPath) -> StoreResult:
+        """The instance is indexed already: keep its file (placing never replaces one),
+        or, if the file had gone missing, the copy just placed."""
         try:
-            written = writing.result()
+            if placing.result():
+                log.warning("restored the missing file of indexed instance %s", relative.name)
         except StorageError as exc:
             if not self.store.exists(relative):
                 return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
-        else:
-            if written.placed:
-                log.warning("restored the missing file of indexed instance %s", relative.name)
-            else:
-                self.store.discard(written)
         return StoreResult(StoreStatus.SUCCESS, "duplicate", True, relative.as_posix())
 
-    def _drop(self, writing: Future[StagedFile]) -> None:
-        """Undo the file side of an instance whose rows were not committed."""
+    def _tidy(self, staging: Future[StagedFile]) -> None:
+        """Drop the staged copy unless it was filed (then its name is gone anyway)."""
         try:
-            written = writing.result()
+            self.store.discard(staging.result())
         except StorageError:
-            return
-        if written.placed:
-            self.store.remove(written.relative)
-        else:
-            self.store.discard(written)  # no-op if make_durable already published it
+            pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -178,6 +192,13 @@ def _mismatch(header: InstanceHeader, request: StoreRequest) -> str:
     if request.sop_class_uid and header.sop_class_uid != request.sop_class_uid:
         return "SOPClassUID differs from the C-STORE request's"
     return ""
+
+
+def _succeeded(future: Future[bool]) -> bool:
+    try:
+        return future.result()
+    except StorageError:
+        return False
 
 
 def _short(exc: SQLAlchemyError) -> str:

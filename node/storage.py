@@ -1,9 +1,9 @@
 """Durable storage of received instances as DICOM Part 10 files.
 
 Layout: ``<data_dir>/studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. A file is
-written under a temporary name, fsync'ed, renamed into place and its directory
-fsync'ed, so that once :meth:`InstanceStore.write` returns the file survives a crash
-or power loss, and a reader never sees a partial file.
+written under a temporary name and fsync'ed, then linked into place and its folder
+fsync'ed, so that once it is placed the file survives a crash or power loss, and a
+reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 
@@ -54,21 +55,26 @@ def file_meta_bytes(
 
 @dataclass(frozen=True, slots=True)
 class StagedFile:
-    """A fully written, fsync'ed temporary file waiting for its final name."""
+    """A fully written, fsync'ed file in ``<data_dir>/incoming``, not yet filed."""
 
-    relative: PurePosixPath
     tmp: Path
-    target: Path
     size: int
-    #: True once it holds the final name (see :meth:`InstanceStore.place`).
-    placed: bool = False
 
 
 class InstanceStore:
-    """Files instances under ``data_dir`` and never writes outside it."""
+    """Files instances under ``data_dir`` and never writes outside it.
+
+    An instance is first *staged*: written and fsync'ed under a temporary name in
+    ``<data_dir>/incoming`` (this needs nothing from the dataset's header, so it runs
+    while the header is parsed and indexed). It is then *placed* under its final name
+    by a hard link, which never replaces an existing file, and the folder is fsync'ed.
+    """
+
+    INCOMING = "incoming"
 
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir.resolve()
+        self.incoming = self.root / self.INCOMING
         self._synced_dirs: set[Path] = set()
         self._lock = threading.Lock()
 
@@ -80,30 +86,20 @@ class InstanceStore:
     def absolute(self, relative: PurePosixPath | str) -> Path:
         path = (self.root / relative).resolve()
         # UIDs are validated before they get here; this is the second line of defence.
-        if not path.is_relative_to(self.root):
-            raise StorageError(errno.EACCES, f"refusing to write outside the data directory: {relative}")
+        if not path.is_relative_to(self.root) or path.is_relative_to(self.incoming):
+            raise StorageError(
+                errno.EACCES, f"refusing to write outside the data directory: {relative}"
+            )
         return path
 
     def exists(self, relative: PurePosixPath | str) -> bool:
         return self.absolute(relative).is_file()
 
-    def write(self, relative: PurePosixPath, parts: list[bytes | memoryview]) -> StagedFile:
-        """Write ``parts`` durably under ``relative`` unless a file is already there.
-
-        The result tells whether the file was placed; if not, the fsync'ed copy waits
-        under its temporary name for :meth:`publish` or :meth:`discard`.
-        """
-        return self.place(self.stage(relative, parts))
-
-    def stage(self, relative: PurePosixPath, parts: list[bytes | memoryview]) -> StagedFile:
-        """Write ``parts`` to a temporary file next to the target and fsync it.
-
-        Nothing is visible under the final name until :meth:`publish`.
-        """
-        target = self.absolute(relative)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    def stage(self, parts: list[bytes | memoryview]) -> StagedFile:
+        """Write ``parts`` to a new temporary file and fsync it."""
+        tmp = self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
         try:
-            self._ensure_dir(target.parent)
+            self._ensure_dir(self.incoming)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 size = 0
@@ -118,49 +114,74 @@ class InstanceStore:
                 os.close(fd)
         except OSError as exc:
             _unlink_quietly(tmp)
-            with self._lock:  # the folder may have been removed under us; re-check next time
-                self._synced_dirs.discard(target.parent)
-            raise _failed(relative, exc) from exc
-        return StagedFile(relative, tmp, target, size)
+            self._forget_dir(self.incoming)
+            raise _failed(PurePosixPath(self.INCOMING), exc) from exc
+        return StagedFile(tmp, size)
 
-    def place(self, staged: StagedFile) -> StagedFile:
-        """Give a staged file its final name unless a file already holds it.
+    def place(self, staged: StagedFile, relative: PurePosixPath) -> bool:
+        """File a staged copy under ``relative`` unless a file is there already.
 
-        Hard-linking never replaces an existing file, so this can run before the caller
-        knows whether the instance is a duplicate. Returns the file with ``placed`` set
-        when the name was free; otherwise the staged copy is left for the caller.
+        Returns ``True`` when placed (the staged name is then gone); ``False`` leaves
+        the staged copy for :meth:`publish` or :meth:`discard`.
         """
+        target = self.absolute(relative)
         try:
-            os.link(staged.tmp, staged.target)
+            self._ensure_dir(target.parent)
+            os.link(staged.tmp, target)
         except FileExistsError:
-            return staged
+            return False
         except OSError as exc:
-            _unlink_quietly(staged.tmp)
-            raise _failed(staged.relative, exc) from exc
+            self._forget_dir(target.parent)
+            raise _failed(relative, exc) from exc
         _unlink_quietly(staged.tmp)
-        try:
-            _fsync_dir(staged.target.parent)
-        except OSError as exc:
-            _unlink_quietly(staged.target)
-            raise _failed(staged.relative, exc) from exc
-        return replace(staged, placed=True)
+        self._sync_new_entry(target, relative)
+        return True
 
-    def publish(self, staged: StagedFile) -> None:
-        """Move a staged file to its final name, replacing any file there, durably."""
+    def publish(self, staged: StagedFile, relative: PurePosixPath) -> None:
+        """File a staged copy under ``relative``, replacing any file there."""
+        target = self.absolute(relative)
         try:
-            os.replace(staged.tmp, staged.target)
-            _fsync_dir(staged.target.parent)
+            self._ensure_dir(target.parent)
+            os.replace(staged.tmp, target)
         except OSError as exc:
-            _unlink_quietly(staged.tmp)
-            raise _failed(staged.relative, exc) from exc
+            raise _failed(relative, exc) from exc
+        self._sync_new_entry(target, relative)
 
     @staticmethod
     def discard(staged: StagedFile) -> None:
-        """Drop a staged file that will not be published."""
+        """Drop a staged copy that will not be filed."""
         _unlink_quietly(staged.tmp)
 
     def remove(self, relative: PurePosixPath | str) -> None:
         _unlink_quietly(self.absolute(relative))
+
+    def clean_incoming(self, older_than_s: float = 3600.0) -> int:
+        """Remove staged copies abandoned by a crash; returns how many.
+
+        Only old ones: another node process may share this folder and be writing.
+        """
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for path in self.incoming.glob("*.tmp") if self.incoming.is_dir() else []:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _sync_new_entry(self, target: Path, relative: PurePosixPath) -> None:
+        try:
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            _unlink_quietly(target)
+            raise _failed(relative, exc) from exc
+
+    def _forget_dir(self, directory: Path) -> None:
+        # The folder may have been removed under us; check it again next time.
+        with self._lock:
+            self._synced_dirs.discard(directory)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._synced_dirs:
