@@ -18,25 +18,19 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from io import BytesIO
 
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from node.codec import Command, decode_command, store_response
 
 _PDV = struct.Struct(">LBB")  # item length, presentation context ID, message control header
 _PDU = struct.Struct(">BBL")  # type, reserved, length
-_GROUP_LENGTH = struct.Struct("<HHLL")  # (0000,0000) UL in Implicit VR Little Endian
 
 _COMMAND = 0x01  # message control header bit 0: command (else dataset)
 _LAST = 0x02  # bit 1: last fragment
 C_STORE_RQ = 0x0001
-C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101
 
-#: (association, transfer syntax UID, command set, dataset bytes) -> (status, error comment)
-StoreHandler = Callable[[object, str, Dataset, bytes], tuple[int, str]]
+#: (association, transfer syntax UID, command, dataset bytes) -> (status, error comment)
+StoreHandler = Callable[[object, str, Command, bytes], tuple[int, str]]
 
 
 class ProtocolError(Exception):
@@ -59,30 +53,6 @@ def split_pdvs(body: memoryview) -> list[tuple[int, int, memoryview]]:
     return items
 
 
-def decode_command(data: bytes | memoryview) -> Dataset:
-    """A DIMSE command set (always Implicit VR Little Endian, PS3.7 6.3.1)."""
-    return read_dataset(BytesIO(bytes(data)), is_implicit_VR=True, is_little_endian=True)
-
-
-def encode_store_response(request: Dataset, status: int, comment: str) -> bytes:
-    """The C-STORE-RSP command set for ``request``, with its group length."""
-    rsp = Dataset()
-    rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
-    rsp.CommandField = C_STORE_RSP
-    rsp.MessageIDBeingRespondedTo = request.MessageID
-    rsp.CommandDataSetType = NO_DATASET
-    rsp.Status = status
-    rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
-    if comment:
-        rsp.ErrorComment = comment[:64]
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = True
-    write_dataset(buffer, rsp)
-    body = buffer.getvalue()
-    return _GROUP_LENGTH.pack(0x0000, 0x0000, 4, len(body)) + body
-
-
 def p_data_pdu(context_id: int, command: bytes) -> bytes:
     """One P-DATA-TF PDU carrying a whole command set as its last fragment."""
     pdv = _PDV.pack(len(command) + 2, context_id, _COMMAND | _LAST) + command
@@ -93,7 +63,7 @@ def p_data_pdu(context_id: int, command: bytes) -> bytes:
 class _Message:
     context_id: int
     transfer_syntax: str
-    command: Dataset
+    command: Command
     fragments: list[memoryview] = field(default_factory=list)
 
 
@@ -136,13 +106,13 @@ class FastStore:
             return None
         try:
             command = decode_command(data)
-            eligible = (
-                command.CommandField == C_STORE_RQ
-                and command.CommandDataSetType != NO_DATASET
-                and command.AffectedSOPClassUID == context.abstract_syntax
-            )
-        except Exception:  # an odd command set: let pynetdicom deal with it
+        except ValueError:  # an odd command set: let pynetdicom deal with it
             return None
+        eligible = (
+            command.command_field == C_STORE_RQ
+            and command.command_data_set_type != NO_DATASET
+            and command.affected_sop_class_uid == context.abstract_syntax
+        )
         if not eligible:
             return None
         return _Message(context_id, str(context.transfer_syntax[0]), command)
@@ -170,5 +140,4 @@ class FastStore:
         dataset = b"".join(message.fragments)
         message.fragments.clear()
         status, comment = self.handler(assoc, message.transfer_syntax, message.command, dataset)
-        response = encode_store_response(message.command, status, comment)
-        return p_data_pdu(message.context_id, response)
+        return p_data_pdu(message.context_id, store_response(message.command, status, comment))

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import AssociationOutcome
 from node.audit import AssociationLog
+from node.codec import Command
 from node.config import NodeConfig
 from node.ingest import Ingestor, StoreRequest
 from node.reactor import FastRequestHandler
@@ -156,14 +157,14 @@ class StorageSCP:
         return response
 
     def _fast_store(
-        self, assoc: Association, transfer_syntax: str, command: Dataset, dataset: bytes
+        self, assoc: Association, transfer_syntax: str, command: Command, dataset: bytes
     ) -> tuple[int, str]:
         """C-STOREs taken by the direct path in node/fast_store.py."""
         return self._store(
             assoc,
             transfer_syntax,
-            str(command.AffectedSOPClassUID),
-            str(command.AffectedSOPInstanceUID),
+            command.affected_sop_class_uid,
+            command.affected_sop_instance_uid,
             dataset,
         )
 

@@ -14,14 +14,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path, PurePosixPath
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from node import __version__
+from node.codec import file_meta_group
 
 # Our implementation class UID, under pydicom's root for implementations without one
 # of their own, and a version name (SH, at most 16 characters).
@@ -38,19 +36,15 @@ class StorageError(OSError):
 def file_meta_bytes(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
 ) -> bytes:
-    """Encode preamble, ``DICM`` prefix and File Meta Information (PS3.10 7.1)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    buffer = BytesIO()
-    buffer.write(_PREAMBLE)
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+    """Preamble, ``DICM`` prefix and File Meta Information (PS3.10 7.1)."""
+    return _PREAMBLE + file_meta_group(
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax,
+        IMPLEMENTATION_CLASS_UID,
+        IMPLEMENTATION_VERSION_NAME,
+        source_ae,
+    )
 
 
 @dataclass(frozen=True, slots=True)
