@@ -75,7 +75,8 @@ _KEYWORDS = (
     "InstanceNumber",
 )
 # Only these are converted from raw bytes: this runs once per received instance.
-_TAGS = [tag_for_keyword(keyword) for keyword in _KEYWORDS]
+_TAG_OF = {keyword: tag_for_keyword(keyword) for keyword in _KEYWORDS}
+_TAGS = list(_TAG_OF.values())
 
 
 def _stop_at_pixels(tag: int, vr: str | None, length: int) -> bool:
@@ -109,10 +110,6 @@ def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
             stop_when=_stop_at_pixels,
             specific_tags=_TAGS,  # type: ignore[arg-type]
         )
-        for elem in dataset:  # convert now so a malformed value fails here
-            _ = elem.value
-    except HeaderError:
-        raise
     except Exception as exc:  # pydicom raises many types on garbage input
         raise HeaderError(
             StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
@@ -120,13 +117,25 @@ def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
     return dataset
 
 
+def _value(dataset: Dataset, keyword: str) -> object:
+    elem = dataset.get(_TAG_OF[keyword])
+    if elem is None:
+        return None
+    try:
+        return elem.value
+    except Exception as exc:  # a malformed value
+        raise HeaderError(
+            StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be read: {exc}"
+        ) from exc
+
+
 def _text(dataset: Dataset, keyword: str) -> str:
-    value = dataset.get(keyword, "")
+    value = _value(dataset, keyword)
     return "" if value is None else str(value).strip()
 
 
 def _integer(dataset: Dataset, keyword: str) -> int | None:
-    value = dataset.get(keyword)
+    value = _value(dataset, keyword)
     try:
         return None if value in (None, "") else int(value)
     except (TypeError, ValueError):
