@@ -100,7 +100,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    # Wait with a timeout: a signal handler runs only when the main thread gets to
+    # execute Python code, which an untimed wait may never give it.
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down")
     monitor.stop()
     scp.stop()

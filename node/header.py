@@ -1,8 +1,8 @@
-"""Read the attributes the node indexes from a received dataset, without its pixels.
+"""Read the attributes the node indexes from a received dataset.
 
 The SCP receives the dataset encoded in the negotiated transfer syntax. We keep those
-bytes as they are (the stored file is byte-exact) and parse only the header here:
-pydicom reads elements lazily, and we stop before Pixel Data.
+bytes as they are (the stored file is byte-exact) and only read it here: pydicom keeps
+element values raw until asked, and only the indexed ones are converted.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from node.status import StoreStatus
 
-_PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class HeaderError(Exception):
@@ -76,11 +77,6 @@ _KEYWORDS = (
 )
 # Only these are converted from raw bytes: this runs once per received instance.
 _TAG_OF = {keyword: tag_for_keyword(keyword) for keyword in _KEYWORDS}
-_TAGS = list(_TAG_OF.values())
-
-
-def _stop_at_pixels(tag: int, vr: str | None, length: int) -> bool:
-    return tag >= _PIXEL_DATA
 
 
 def inflate(raw: bytes) -> bytes:
@@ -90,10 +86,9 @@ def inflate(raw: bytes) -> bytes:
 
 
 def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
-    """Parse the elements the node indexes, stopping before Pixel Data.
+    """Parse the dataset's element structure; values stay raw until read.
 
-    Every element up to Pixel Data is still walked, so a truncated or garbled
-    encoding fails here.
+    A garbled or truncated encoding (including short Pixel Data) fails here.
 
     Raises
     ------
@@ -104,17 +99,29 @@ def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
     try:
         data = inflate(raw) if ts.is_deflated else raw
         dataset = read_dataset(
-            BytesIO(data),
-            is_implicit_VR=ts.is_implicit_VR,
-            is_little_endian=ts.is_little_endian,
-            stop_when=_stop_at_pixels,
-            specific_tags=_TAGS,  # type: ignore[arg-type]
+            BytesIO(data), is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian
         )
     except Exception as exc:  # pydicom raises many types on garbage input
         raise HeaderError(
             StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
         ) from exc
+    _check_lengths(dataset)
     return dataset
+
+
+def _check_lengths(dataset: Dataset) -> None:
+    """Refuse a dataset whose top-level element runs past the end of the data.
+
+    pydicom hands back a short value without complaint when the bytes end early;
+    values stay raw (unconverted) here, so this costs one comparison per element.
+    """
+    for elem in dataset.elements():
+        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
+            if elem.value is not None and len(elem.value) != elem.length:
+                raise HeaderError(
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    f"element {elem.tag} is truncated ({len(elem.value)} of {elem.length} bytes)",
+                )
 
 
 def _value(dataset: Dataset, keyword: str) -> object:

@@ -71,7 +71,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
             (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -107,34 +107,37 @@ class StorageSCP:
     def _on_connect(event: evt.Event) -> None:
         set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
-    def _on_accepted(self, event: evt.Event) -> None:
+    def _on_requested(self, event: evt.Event) -> None:
+        """Record the association before it is accepted: the direct C-STORE path may
+        serve its first request as soon as the A-ASSOCIATE-AC is out."""
         assoc = event.assoc
         requestor = assoc.requestor
+        primitive = requestor.primitive
+        # Not yet copied to requestor.ae_title at this point: read the request itself.
+        calling = str(primitive.calling_ae_title).strip() if primitive else ""
+        called = str(primitive.called_ae_title).strip() if primitive else ""
         try:
-            row = self.audit.open(
-                requestor.ae_title, assoc.acceptor.ae_title, requestor.address, requestor.port
-            )
+            row = self.audit.open(calling, called, requestor.address, requestor.port)
         except SQLAlchemyError:
-            log.exception("could not record association from %s", requestor.ae_title)
+            log.exception("could not record association from %s", calling)
             row = None
         setattr(assoc, _ASSOC_ID, row)
-        log.info("association %s from %s (%s:%s)", row, requestor.ae_title, requestor.address, requestor.port)
+        log.info("association %s from %s (%s:%s)", row, calling, requestor.address, requestor.port)
 
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
         requestor = assoc.requestor
         called = requestor.primitive.called_ae_title if requestor.primitive else ""
         log.warning(
-            "rejected association from %s (%s) calling %r",
-            requestor.ae_title,
-            requestor.address,
-            called,
+            "rejected association from %s (%s) calling %r", requestor.ae_title, requestor.address, called
         )
-        try:
-            row = self.audit.open(requestor.ae_title, str(called), requestor.address, requestor.port)
-            self.audit.close(row, AssociationOutcome.REJECTED)
-        except SQLAlchemyError:
-            log.exception("could not record rejected association")
+        row = getattr(assoc, _ASSOC_ID, None)
+        setattr(assoc, _ASSOC_ID, None)
+        if row is not None:
+            try:
+                self.audit.close(row, AssociationOutcome.REJECTED)
+            except SQLAlchemyError:
+                log.exception("could not record rejected association")
 
     @staticmethod
     def _on_echo(event: evt.Event) -> int:

@@ -14,17 +14,17 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    MediaStorageDirectoryStorage,
-)
-from pynetdicom import AE, build_context
+from pydicom.uid import MediaStorageDirectoryStorage
+from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
+
+# Send files as their encoded bytes, never decoded and re-encoded by pydicom; this
+# needs a presentation context in exactly the file's transfer syntax (proposed below).
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 # A requestor may propose at most 128 presentation contexts (PS3.8 9.3.2.2: odd IDs 1-255).
 _MAX_CONTEXTS = 128
@@ -141,13 +141,14 @@ def send_files(
 
 
 def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
-    """Split items so each association needs at most 128 presentation contexts."""
-    by_class: dict[str, list[_Item]] = {}
+    """Split items so each association needs at most 128 presentation contexts
+    (one per SOP class and transfer syntax)."""
+    by_context: dict[tuple[str, str], list[_Item]] = {}
     for item in items:
-        by_class.setdefault(item.sop_class_uid, []).append(item)
-    classes = list(by_class)
-    for start in range(0, len(classes), _MAX_CONTEXTS):
-        yield [item for uid in classes[start : start + _MAX_CONTEXTS] for item in by_class[uid]]
+        by_context.setdefault((item.sop_class_uid, item.transfer_syntax), []).append(item)
+    keys = list(by_context)
+    for start in range(0, len(keys), _MAX_CONTEXTS):
+        yield [item for key in keys[start : start + _MAX_CONTEXTS] for item in by_context[key]]
 
 
 def _send_batch(
@@ -157,16 +158,11 @@ def _send_batch(
     progress: Callable[[Path, bool], None] | None,
 ) -> None:
     ae = _client_ae(peer)
-    syntaxes: dict[str, list[str]] = {}
-    for item in items:
-        wanted = syntaxes.setdefault(item.sop_class_uid, [])
-        if item.transfer_syntax not in wanted:
-            wanted.append(item.transfer_syntax)
-    for sop_class, wanted in syntaxes.items():
-        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if fallback not in wanted:
-                wanted.append(fallback)
-        ae.requested_contexts = ae.requested_contexts + [build_context(sop_class, wanted)]
+    # One context per (SOP class, transfer syntax) with that syntax alone: an
+    # acceptor offered several syntaxes in one context picks its own preference,
+    # and the file would have to be re-encoded (or could not be sent at all).
+    pairs = dict.fromkeys((item.sop_class_uid, item.transfer_syntax) for item in items)
+    ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
 
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:

@@ -63,13 +63,6 @@ SAMPLES = [
     "image_dfl.dcm",  # deflate
 ]
 
-SEND_BUG = (
-    "product bug: 'pacsnode send' (node/scu.py _send_batch) proposes the file's transfer "
-    "syntax and the uncompressed ones in ONE presentation context; the node (pynetdicom "
-    "acceptor, ALL_TRANSFER_SYNTAXES order) picks Implicit VR Little Endian, so a "
-    "compressed file cannot be sent at all and a deflated one is decoded and re-encoded"
-)
-
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                     b"UR", b"UT", b"UV"}
 
@@ -230,8 +223,7 @@ def send_raw(path: Path, node: NodeProcess, sop_class: str, syntax: str,
 
 @pytest.mark.parametrize("sample", SAMPLES)
 @pytest.mark.parametrize(
-    "sender", ["raw", "storescu", pytest.param("pacsnode-send", marks=pytest.mark.xfail(
-        strict=True, reason=SEND_BUG))])
+    "sender", ["raw", "storescu", "pacsnode-send"])
 def test_compressed_instance_is_stored_byte_exact(
     shared_node: NodeProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest, sample: str, sender: str,
