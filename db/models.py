@@ -75,6 +75,7 @@ class AssociationOutcome(str, enum.Enum):
     ABORTED = "aborted"
     REJECTED = "rejected"
     CLOSED = "closed"  # the connection ended without release or abort
+    INTERRUPTED = "interrupted"  # the node process died during it (found at next start)
 
 
 class AssociationRecord(Base):
@@ -93,6 +94,9 @@ class AssociationRecord(Base):
     instances_duplicate: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str] = mapped_column(String(16), default=AssociationOutcome.OPEN.value)
+    #: ``host:pid`` of the node process that served it, to tell a crashed process's
+    #: open associations from those of other live processes sharing the database.
+    node_process: Mapped[str | None] = mapped_column(String(300))
 
 
 class Patient(Base):

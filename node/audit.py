@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from sqlalchemy import Engine, Table, update
 
 from db.models import AssociationOutcome, AssociationRecord, utcnow
@@ -9,11 +12,54 @@ from db.models import AssociationOutcome, AssociationRecord, utcnow
 _associations: Table = AssociationRecord.__table__  # type: ignore[assignment]
 
 
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AssociationLog:
     """Opens, counts and closes association rows."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.process = this_process()
+
+    def close_interrupted(self) -> int:
+        """Mark open associations of dead node processes on this host as interrupted.
+
+        Run at start: a killed node never closes its rows. Rows of live processes, and
+        of other hosts (which this one cannot check), are left alone.
+        """
+        host = socket.gethostname()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                _associations.select()
+                .with_only_columns(_associations.c.id, _associations.c.node_process)
+                .where(_associations.c.outcome == AssociationOutcome.OPEN.value)
+                .where(_associations.c.node_process.like(f"{host}:%"))
+            ).all()
+            dead = [
+                row_id for row_id, owner in rows
+                if owner.rpartition(":")[2].isdigit()
+                and int(owner.rpartition(":")[2]) != os.getpid()
+                and not _alive(int(owner.rpartition(":")[2]))
+            ]
+            if dead:
+                conn.execute(
+                    update(_associations)
+                    .where(_associations.c.id.in_(dead))
+                    .values(outcome=AssociationOutcome.INTERRUPTED.value)
+                )
+        return len(dead)
 
     def open(self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int) -> int:
         with self.engine.begin() as conn:
@@ -30,6 +76,7 @@ class AssociationLog:
                         instances_duplicate=0,
                         instances_failed=0,
                         outcome=AssociationOutcome.OPEN.value,
+                        node_process=self.process,
                     )
                     .returning(_associations.c.id)
                 ).scalar_one()

@@ -73,6 +73,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     engine = _engine(settings)
     prepare_database(engine)
     audit = AssociationLog(engine)
+    if interrupted := audit.close_interrupted():
+        log.warning("%s associations were interrupted by an earlier crash", interrupted)
     store = InstanceStore(settings.storage.data_dir)
     if removed := store.clean_incoming():
         log.info("removed %s staged files abandoned by an earlier crash", removed)

@@ -83,8 +83,8 @@ def test_db_upgrade_on_sqlite_and_postgres(tmp_path: Path, db_url: str) -> None:
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    assert "upgraded from empty to revision 0001" in run()
-    assert "already at revision 0001" in run()
+    assert "upgraded from empty to revision 0002" in run()
+    assert "already at revision 0002" in run()
     engine = create_engine(db_url)
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
@@ -101,3 +101,27 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "database error" in result.stderr and "check database.url" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_database_at_an_older_schema_is_refused(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from db.migrate import MIGRATIONS
+    from db.session import make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    command.upgrade(config, "0001")
+    engine.dispose()
+    env = {"PACSNODE__DATABASE__URL": url, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "node.cli", "studies"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "run 'pacsnode db upgrade' first" in result.stderr
+    upgrade = subprocess.run([sys.executable, "-m", "node.cli", "db", "upgrade"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert "upgraded from 0001 to revision 0002" in upgrade.stdout

@@ -122,8 +122,9 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(
     assert studies[0]["instances"] == len(rows) >= len(acked)
     detail = node.study(series.study_instance_uid)
     assert detail["instances"] == len(rows)
-    # (Which association each instance is counted on is left to
-    # test_refusals.py::test_every_instance_is_counted_on_its_association.)
+    # The killed association is recorded as interrupted, not left open forever.
+    assert [a["outcome"] for a in detail["associations"]] == ["interrupted"]
+    assert detail["associations"][0]["instances_of_this_study"] == len(rows)
 
     # Sending everything again completes the series, each instance exactly once.
     result = node.storescu(*series.paths, calling="RESEND")
