@@ -7,7 +7,6 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
@@ -48,6 +47,3 @@ def make_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
 
     return engine
 
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
