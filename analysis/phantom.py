@@ -7,7 +7,7 @@ only; writing them as DICOM is :mod:`node.synthetic`'s job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class PhantomSpec:
     stomach_gas: bool = False
     noise_hu: float = 12.0
     seed: int = 0
-    extras: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
