@@ -5,8 +5,9 @@ the DIMSE message in a buffer, builds a C-STORE primitive (validating each UID),
 it to the association thread, and sends the response back through two queues. For a
 CT series that Python work cost more than storing the instance. Here a P-DATA-TF PDU
 that begins a C-STORE request (a complete command in its first PDV) is taken off that
-path: its dataset fragments are gathered as they arrive, the store handler is called
-in the DUL thread, and the C-STORE response is written straight to the socket.
+path: its dataset fragments go to the store handler as they arrive (so the file is
+written while the rest is still on the wire), the instance is finished in the DUL
+thread, and the C-STORE response is written straight to the socket.
 
 Everything else (association negotiation, C-ECHO, release, abort, fragmented command
 sets, unknown contexts) goes through pynetdicom unchanged. PS3.8 9.3.5 (P-DATA-TF) and
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 from node.codec import Command, decode_command, store_response
 
@@ -29,8 +31,20 @@ _LAST = 0x02  # bit 1: last fragment
 C_STORE_RQ = 0x0001
 NO_DATASET = 0x0101
 
-#: (association, transfer syntax UID, command, dataset bytes) -> (status, error comment)
-StoreHandler = Callable[[object, str, Command, bytes], tuple[int, str]]
+class IncomingStore(Protocol):
+    """The receiving side of one C-STORE: fed fragments, then finished or aborted."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def finish(self) -> tuple[int, str]:
+        """Returns (status, error comment)."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+#: (association, transfer syntax UID, command) -> the receiver of its dataset
+StoreHandler = Callable[[object, str, Command], IncomingStore]
 
 
 class ProtocolError(Exception):
@@ -64,7 +78,7 @@ class _Message:
     context_id: int
     transfer_syntax: str
     command: Command
-    fragments: list[memoryview] = field(default_factory=list)
+    incoming: IncomingStore
 
 
 class FastStore:
@@ -115,7 +129,9 @@ class FastStore:
         )
         if not eligible:
             return None
-        return _Message(context_id, str(context.transfer_syntax[0]), command)
+        transfer_syntax = str(context.transfer_syntax[0])
+        incoming = self.handler(assoc, transfer_syntax, command)
+        return _Message(context_id, transfer_syntax, command, incoming)
 
     def _track_command(self, pdvs: list[tuple[int, int, memoryview]]) -> None:
         for _, control, _ in pdvs:
@@ -127,17 +143,20 @@ class FastStore:
         assert message is not None
         for index, (context_id, control, data) in enumerate(pdvs):
             if context_id != message.context_id or control & _COMMAND:
+                self.abandon()
                 raise ProtocolError("PDV of another message inside a C-STORE dataset")
-            message.fragments.append(data)
+            if control & _LAST and index != len(pdvs) - 1:
+                self.abandon()
+                raise ProtocolError("PDVs after the last fragment of a C-STORE dataset")
+            message.incoming.write(data)
             if control & _LAST:
-                if index != len(pdvs) - 1:
-                    raise ProtocolError("PDVs after the last fragment of a C-STORE dataset")
                 self._message = None
-                return self._complete(assoc, message)
+                status, comment = message.incoming.finish()
+                return p_data_pdu(message.context_id, store_response(message.command, status, comment))
         return b""
 
-    def _complete(self, assoc: object, message: _Message) -> bytes:
-        dataset = b"".join(message.fragments)
-        message.fragments.clear()
-        status, comment = self.handler(assoc, message.transfer_syntax, message.command, dataset)
-        return p_data_pdu(message.context_id, store_response(message.command, status, comment))
+    def abandon(self) -> None:
+        """The association ended (or broke the protocol) in the middle of a C-STORE."""
+        if self._message is not None:
+            self._message.incoming.abort()
+            self._message = None

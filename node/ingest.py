@@ -21,7 +21,13 @@ from node.audit import AssociationLog
 from node.header import HeaderError, InstanceHeader, extract_header, parse_header
 from node.index import InstanceIndex
 from node.status import StoreStatus
-from node.storage import InstanceStore, StagedFile, StorageError, file_meta_bytes
+from node.storage import (
+    InstanceStore,
+    StagedFile,
+    StagingWriter,
+    StorageError,
+    file_meta_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +37,8 @@ _COMMENT_MAX = 64
 
 @dataclass(frozen=True, slots=True)
 class StoreRequest:
-    """One instance as received: its dataset bytes in the negotiated transfer syntax."""
+    """What a C-STORE request says, before its dataset arrives."""
 
-    dataset: bytes | memoryview
     transfer_syntax: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -70,8 +75,37 @@ class Ingestor:
         # must be at least twice the number of concurrent associations.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
-    def receive(self, request: StoreRequest) -> StoreResult:
-        result = self._receive(request)
+    def begin(self, request: StoreRequest) -> Incoming:
+        """Start receiving an instance; its file is written as its fragments arrive."""
+        for keyword, uid in (("SOPClassUID", request.sop_class_uid),
+                             ("SOPInstanceUID", request.sop_instance_uid)):
+            if not UID(uid).is_valid:
+                refusal = StoreResult(
+                    StoreStatus.INVALID_UID, f"{keyword} is not a valid DICOM UID: {uid[:40]!r}"
+                )
+                return Incoming(self, request, None, refusal)
+        # The file needs nothing from the header (its meta comes from the request), so
+        # it is written while the dataset arrives and fsync'ed while it is parsed.
+        writer = self.store.open_staging()
+        writer.write(
+            file_meta_bytes(
+                request.sop_class_uid,
+                request.sop_instance_uid,
+                request.transfer_syntax,
+                request.calling_ae,
+            )
+        )
+        return Incoming(self, request, writer, None)
+
+    def receive(self, request: StoreRequest, dataset: bytes | memoryview) -> StoreResult:
+        """Store an instance whose whole dataset has arrived."""
+        incoming = self.begin(request)
+        incoming.write(dataset)
+        return incoming.finish()
+
+    def _finish(self, incoming: Incoming) -> StoreResult:
+        request = incoming.request
+        result = incoming.refusal or self._store(incoming)
         if result.status.is_failure:
             log.warning(
                 "refused instance %s from %r: 0x%04X %s",
@@ -84,36 +118,21 @@ class Ingestor:
             self._count(request.association_id, result)
         return result
 
-    def _receive(self, request: StoreRequest) -> StoreResult:
-        for keyword, uid in (("SOPClassUID", request.sop_class_uid),
-                             ("SOPInstanceUID", request.sop_instance_uid)):
-            if not UID(uid).is_valid:
-                return StoreResult(
-                    StoreStatus.INVALID_UID, f"{keyword} is not a valid DICOM UID: {uid[:40]!r}"
-                )
-        # The file needs nothing from the header (its meta comes from the request), so
-        # a worker writes and fsyncs it while this thread parses and indexes.
-        parts = [
-            file_meta_bytes(
-                request.sop_class_uid,
-                request.sop_instance_uid,
-                request.transfer_syntax,
-                request.calling_ae,
-            ),
-            request.dataset,
-        ]
-        staging = self._pool.submit(self.store.stage, parts)
+    def _store(self, incoming: Incoming) -> StoreResult:
+        assert incoming.writer is not None
+        dataset = incoming.dataset()
+        size = incoming.writer.size
+        staging = self._pool.submit(incoming.writer.seal)
         try:
-            result = self._index(request, staging, sum(len(part) for part in parts))
+            return self._index(incoming.request, dataset, staging, size)
         finally:
             self._tidy(staging)
-        return result
 
     def _index(
-        self, request: StoreRequest, staging: Future[StagedFile], size: int
+        self, request: StoreRequest, dataset: bytes, staging: Future[StagedFile], size: int
     ) -> StoreResult:
         try:
-            header = extract_header(parse_header(bytes(request.dataset), request.transfer_syntax))
+            header = extract_header(parse_header(dataset, request.transfer_syntax))
         except HeaderError as exc:
             return StoreResult(exc.status, exc.reason)
         mismatch = _mismatch(header, request)
@@ -184,6 +203,43 @@ class Ingestor:
             )
         except SQLAlchemyError:
             log.exception("could not count a refused instance on association %s", association_id)
+
+
+class Incoming:
+    """One instance being received (see :meth:`Ingestor.begin`)."""
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        request: StoreRequest,
+        writer: StagingWriter | None,
+        refusal: StoreResult | None,
+    ) -> None:
+        self.ingestor = ingestor
+        self.request = request
+        self.writer = writer
+        self.refusal = refusal
+        self._fragments: list[bytes | memoryview] = []
+
+    def write(self, fragment: bytes | memoryview) -> None:
+        """Take the next piece of the encoded dataset."""
+        self._fragments.append(fragment)
+        if self.writer is not None:
+            self.writer.write(fragment)
+
+    def dataset(self) -> bytes:
+        data = b"".join(self._fragments)
+        self._fragments = [data]
+        return data
+
+    def finish(self) -> StoreResult:
+        """The dataset is complete: make it safe and indexed, or refuse it."""
+        return self.ingestor._finish(self)
+
+    def abort(self) -> None:
+        """The association ended mid-instance: nothing was acknowledged, drop it."""
+        if self.writer is not None:
+            self.writer.discard()
 
 
 def _mismatch(header: InstanceHeader, request: StoreRequest) -> str:

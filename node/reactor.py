@@ -168,6 +168,8 @@ class FastDUL(DULServiceProvider):
         try:
             self._run()
         finally:
+            if self._fast is not None:
+                self._fast.abandon()
             for fd in (self._wake_r, self._wake_w):
                 try:
                     os.close(fd)

@@ -22,7 +22,7 @@ from db.models import AssociationOutcome
 from node.audit import AssociationLog
 from node.codec import Command
 from node.config import NodeConfig
-from node.ingest import Ingestor, StoreRequest
+from node.ingest import Incoming, Ingestor, StoreRequest, StoreResult
 from node.reactor import FastRequestHandler
 from node.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -159,16 +159,17 @@ class StorageSCP:
             response.ErrorComment = comment
         return response
 
-    def _fast_store(
-        self, assoc: Association, transfer_syntax: str, command: Command, dataset: bytes
-    ) -> tuple[int, str]:
+    def _fast_store(self, assoc: Association, transfer_syntax: str, command: Command) -> _FastIncoming:
         """C-STOREs taken by the direct path in node/fast_store.py."""
-        return self._store(
-            assoc,
-            transfer_syntax,
-            command.affected_sop_class_uid,
-            command.affected_sop_instance_uid,
-            dataset,
+        return _FastIncoming(
+            self.ingestor.begin(
+                self._request(
+                    assoc,
+                    transfer_syntax,
+                    command.affected_sop_class_uid,
+                    command.affected_sop_instance_uid,
+                )
+            )
         )
 
     def _store(
@@ -179,17 +180,20 @@ class StorageSCP:
         sop_instance_uid: str,
         dataset: bytes | memoryview,
     ) -> tuple[int, str]:
-        result = self.ingestor.receive(
-            StoreRequest(
-                dataset=dataset,
-                transfer_syntax=transfer_syntax,
-                sop_class_uid=sop_class_uid,
-                sop_instance_uid=sop_instance_uid,
-                calling_ae=assoc.requestor.ae_title,
-                association_id=getattr(assoc, _ASSOC_ID, None),
-            )
+        request = self._request(assoc, transfer_syntax, sop_class_uid, sop_instance_uid)
+        return _answer(self.ingestor.receive(request, dataset))
+
+    @staticmethod
+    def _request(
+        assoc: Association, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
+    ) -> StoreRequest:
+        return StoreRequest(
+            transfer_syntax=transfer_syntax,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            calling_ae=assoc.requestor.ae_title,
+            association_id=getattr(assoc, _ASSOC_ID, None),
         )
-        return int(result.status), result.error_comment if result.status.is_failure else ""
 
     def _on_end(self, assoc: Association) -> None:
         row = getattr(assoc, _ASSOC_ID, None)
@@ -205,3 +209,19 @@ class StorageSCP:
             self.audit.close(row, outcome)
         except SQLAlchemyError:
             log.exception("could not close association record %s", row)
+
+
+def _answer(result: StoreResult) -> tuple[int, str]:
+    return int(result.status), result.error_comment if result.status.is_failure else ""
+
+
+class _FastIncoming:
+    """Adapts :class:`~node.ingest.Incoming` to what node/fast_store.py expects."""
+
+    def __init__(self, incoming: Incoming) -> None:
+        self._incoming = incoming
+        self.write = incoming.write
+        self.abort = incoming.abort
+
+    def finish(self) -> tuple[int, str]:
+        return _answer(self._incoming.finish())

@@ -55,6 +55,69 @@ class StagedFile:
     size: int
 
 
+class StagingWriter:
+    """A temporary file written as an instance's fragments arrive.
+
+    A write error is remembered, not raised: the sender's data must still be read off
+    the association, and :meth:`seal` reports the error at the end.
+    """
+
+    def __init__(self, store: InstanceStore, tmp: Path) -> None:
+        self.store = store
+        self.tmp = tmp
+        self.size = 0
+        self.error: OSError | None = None
+        self._fd: int | None = None
+        try:
+            store._ensure_dir(tmp.parent)
+            self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            store._forget_dir(tmp.parent)
+            self._fail(exc)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._fd is None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+                self.size += written
+        except OSError as exc:
+            self._fail(exc)
+
+    def seal(self) -> StagedFile:
+        """fsync and close; raises :class:`StorageError` if any write failed."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._fail(exc)
+            else:
+                os.close(self._fd)
+                self._fd = None
+        if self.error is not None:
+            raise _failed(PurePosixPath(InstanceStore.INCOMING), self.error)
+        return StagedFile(self.tmp, self.size)
+
+    def discard(self) -> None:
+        self._close()
+        _unlink_quietly(self.tmp)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = self.error or exc
+        self.discard()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
 class InstanceStore:
     """Files instances under ``data_dir`` and never writes outside it.
 
@@ -89,28 +152,16 @@ class InstanceStore:
     def exists(self, relative: PurePosixPath | str) -> bool:
         return self.absolute(relative).is_file()
 
+    def open_staging(self) -> StagingWriter:
+        """Start a new temporary file in ``incoming``; write it piece by piece."""
+        return StagingWriter(self, self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.tmp")
+
     def stage(self, parts: list[bytes | memoryview]) -> StagedFile:
         """Write ``parts`` to a new temporary file and fsync it."""
-        tmp = self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
-        try:
-            self._ensure_dir(self.incoming)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                size = 0
-                for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            self._forget_dir(self.incoming)
-            raise _failed(PurePosixPath(self.INCOMING), exc) from exc
-        return StagedFile(tmp, size)
+        writer = self.open_staging()
+        for part in parts:
+            writer.write(part)
+        return writer.seal()
 
     def place(self, staged: StagedFile, relative: PurePosixPath) -> bool:
         """File a staged copy under ``relative`` unless a file is there already.
