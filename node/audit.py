@@ -33,7 +33,7 @@ class AssociationLog:
         self.engine = engine
         self.process = this_process()
 
-    def close_interrupted(self) -> int:
+    def close_interrupted(self) -> list[int]:
         """Mark open associations of dead node processes on this host as interrupted.
 
         Run at start: a killed node never closes its rows. Rows of live processes, and
@@ -59,7 +59,7 @@ class AssociationLog:
                     .where(_associations.c.id.in_(dead))
                     .values(outcome=AssociationOutcome.INTERRUPTED.value)
                 )
-        return len(dead)
+        return dead
 
     def open(self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int) -> int:
         with self.engine.begin() as conn:

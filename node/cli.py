@@ -73,14 +73,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     engine = _engine(settings)
     prepare_database(engine)
     audit = AssociationLog(engine)
-    if interrupted := audit.close_interrupted():
-        log.warning("%s associations were interrupted by an earlier crash", interrupted)
     store = InstanceStore(settings.storage.data_dir)
+    index = InstanceIndex(engine)
+    if interrupted := audit.close_interrupted():
+        log.warning("%s associations were interrupted by an earlier crash", len(interrupted))
+        for uid in index.drop_unfiled(interrupted, store.exists):
+            log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
     if removed := store.clean_incoming():
         log.info("removed %s staged files abandoned by an earlier crash", removed)
-    ingestor = Ingestor(
-        store, InstanceIndex(engine), audit, workers=2 * settings.node.max_associations
-    )
+    ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)
     scp = StorageSCP(settings.node, ingestor, audit)
     try:
         scp.start()

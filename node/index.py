@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -82,15 +82,8 @@ class InstanceIndex:
         transfer_syntax: str,
         association_id: int | None,
         now: datetime,
-        make_durable: Callable[[], None] = lambda: None,
     ) -> bool:
-        """Commit the instance's rows; ``False`` if it was already indexed (duplicate).
-
-        ``make_durable`` runs inside the transaction after the rows are written and
-        before the commit: the caller puts the file in place there, so a committed row
-        always has its file, and the statements overlap the file's fsync. If it
-        raises, nothing is committed and the exception propagates.
-        """
+        """Commit the instance's rows; ``False`` if it was already indexed (duplicate)."""
         new_ids: dict[tuple[str, str], int] = {}
         try:
             with self.engine.begin() as conn:
@@ -117,7 +110,6 @@ class InstanceIndex:
                 )
                 if association_id is not None:
                     conn.execute(_COUNT_STORED, {"association": association_id})
-                make_durable()
         except IntegrityError:
             # Another association committed the same SOP Instance UID first.
             if self.find(header.sop_instance_uid) is not None:
@@ -127,6 +119,37 @@ class InstanceIndex:
         with self._lock:
             self._ids.update(new_ids)
         return True
+
+    def forget(self, sop_instance_uid: str, association_id: int | None) -> None:
+        """Remove an instance row committed for a file that could not be made safe."""
+        with self.engine.begin() as conn:
+            deleted = conn.execute(
+                delete(_instances).where(_instances.c.sop_instance_uid == sop_instance_uid)
+            ).rowcount
+            if deleted and association_id is not None:
+                conn.execute(
+                    update(_associations)
+                    .where(_associations.c.id == association_id)
+                    .values(instances_stored=_associations.c.instances_stored - 1)
+                )
+
+    def drop_unfiled(self, association_ids: list[int], exists: Callable[[str], bool]) -> list[str]:
+        """Remove rows of these (interrupted) associations whose file is missing.
+
+        A node killed between committing an instance's row and linking its file never
+        acknowledged that instance; its row must not claim the node holds it.
+        """
+        if not association_ids:
+            return []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(_instances.c.id, _instances.c.sop_instance_uid, _instances.c.file_path)
+                .where(_instances.c.association_fk.in_(association_ids))
+            ).all()
+            missing = [(row_id, uid) for row_id, uid, path in rows if not exists(path)]
+            if missing:
+                conn.execute(delete(_instances).where(_instances.c.id.in_([m[0] for m in missing])))
+        return [uid for _, uid in missing]
 
     def _cached(self, kind: str, key: str) -> int | None:
         return self._ids.get((kind, key))

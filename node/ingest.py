@@ -141,15 +141,12 @@ class Ingestor:
         relative = self.store.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        # Linking and the folder's fsync also overlap the database statements.
+        # Linking the file into place and its folder's fsync run in a worker while the
+        # rows are written and committed; Success waits for both. A crash between the
+        # commit and the link leaves a row without its file for an instance that was
+        # never acknowledged: the sender's retry restores the file (see _duplicate),
+        # and the next start removes such rows (InstanceIndex.drop_unfiled).
         placing = self._pool.submit(self._place, staging, relative)
-
-        def make_durable() -> None:
-            if not placing.result():
-                # A file without a row, left by a crash between placing and commit:
-                # the sender is resending the instance, and our copy replaces it.
-                self.store.publish(staging.result(), relative)
-
         try:
             new = self.index.record(
                 header,
@@ -158,17 +155,31 @@ class Ingestor:
                 request.transfer_syntax,
                 request.association_id,
                 utcnow(),
-                make_durable,
             )
-        except StorageError as exc:
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         except SQLAlchemyError as exc:
             if _succeeded(placing):
                 self.store.remove(relative)  # no row was committed for it
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {_short(exc)}")
-        if new:
-            return StoreResult(StoreStatus.SUCCESS, "", False, relative.as_posix())
-        return self._duplicate(placing, relative)
+        if not new:
+            return self._duplicate(placing, relative)
+        try:
+            if not placing.result():
+                # A file without a row, left by a crash between placing and commit:
+                # the sender is resending the instance, and our copy replaces it.
+                self.store.publish(staging.result(), relative)
+        except StorageError as exc:
+            self._unrecord(header.sop_instance_uid, request.association_id)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+        return StoreResult(StoreStatus.SUCCESS, "", False, relative.as_posix())
+
+    def _unrecord(self, sop_instance_uid: str, association_id: int | None) -> None:
+        """Take back the row of an instance whose file could not be made safe."""
+        try:
+            self.index.forget(sop_instance_uid, association_id)
+        except SQLAlchemyError:
+            # The row stays without its file; a resend restores the file, and a row of
+            # an unacknowledged instance is what the operator sees in the log.
+            log.exception("could not remove the row of unsaved instance %s", sop_instance_uid)
 
     def _place(self, staging: Future[StagedFile], relative: PurePosixPath) -> bool:
         return self.store.place(staging.result(), relative)
@@ -177,11 +188,14 @@ class Ingestor:
         """The instance is indexed already: keep its file (placing never replaces one),
         or, if the file had gone missing, the copy just placed."""
         try:
-            if placing.result():
+            if _succeeded(placing):
                 log.warning("restored the missing file of indexed instance %s", relative.name)
+            else:
+                # The file may have been linked a moment ago by a concurrent association
+                # that has not answered yet: make its folder entry durable before we do.
+                self.store.sync_folder(relative)
         except StorageError as exc:
-            if not self.store.exists(relative):
-                return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         return StoreResult(StoreStatus.SUCCESS, "duplicate", True, relative.as_posix())
 
     def _tidy(self, staging: Future[StagedFile]) -> None:

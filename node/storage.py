@@ -200,6 +200,16 @@ class InstanceStore:
             raise _failed(relative, exc) from exc
         self._sync_new_entry(target, relative)
 
+    def sync_folder(self, relative: PurePosixPath) -> None:
+        """fsync the folder of an existing file (its name is then durable)."""
+        target = self.absolute(relative)
+        if not target.is_file():
+            raise StorageError(errno.ENOENT, f"{relative} is missing")
+        try:
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise _failed(relative, exc) from exc
+
     @staticmethod
     def discard(staged: StagedFile) -> None:
         """Drop a staged copy that will not be filed."""
