@@ -78,6 +78,7 @@ def ct_series_datasets(
         ds.StudyID = "1"
         ds.SeriesNumber = series_number
         ds.InstanceNumber = k + 1
+        ds.AcquisitionNumber = 1
         ds.FrameOfReferenceUID = frame_of_reference
         ds.PositionReferenceIndicator = ""
         z = -k * spec.slice_thickness_mm
