@@ -76,7 +76,6 @@ def p_data_pdu(context_id: int, command: bytes) -> bytes:
 @dataclass
 class _Message:
     context_id: int
-    transfer_syntax: str
     command: Command
     incoming: IncomingStore
 
@@ -129,9 +128,8 @@ class FastStore:
         )
         if not eligible:
             return None
-        transfer_syntax = str(context.transfer_syntax[0])
-        incoming = self.handler(assoc, transfer_syntax, command)
-        return _Message(context_id, transfer_syntax, command, incoming)
+        incoming = self.handler(assoc, str(context.transfer_syntax[0]), command)
+        return _Message(context_id, command, incoming)
 
     def _track_command(self, pdvs: list[tuple[int, int, memoryview]]) -> None:
         for _, control, _ in pdvs:

@@ -51,7 +51,6 @@ class StoreResult:
     status: StoreStatus
     comment: str = ""
     duplicate: bool = False
-    file_path: str | None = None
 
     @property
     def error_comment(self) -> str:
@@ -170,7 +169,7 @@ class Ingestor:
         except StorageError as exc:
             self._unrecord(header.sop_instance_uid, request.association_id)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
-        return StoreResult(StoreStatus.SUCCESS, "", False, relative.as_posix())
+        return StoreResult(StoreStatus.SUCCESS)
 
     def _unrecord(self, sop_instance_uid: str, association_id: int | None) -> None:
         """Take back the row of an instance whose file could not be made safe."""
@@ -196,7 +195,7 @@ class Ingestor:
                 self.store.sync_folder(relative)
         except StorageError as exc:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
-        return StoreResult(StoreStatus.SUCCESS, "duplicate", True, relative.as_posix())
+        return StoreResult(StoreStatus.SUCCESS, "duplicate", duplicate=True)
 
     def _tidy(self, staging: Future[StagedFile]) -> None:
         """Drop the staged copy unless it was filed (then its name is gone anyway)."""

@@ -3,10 +3,10 @@
 pynetdicom 3.0 runs two polling loops per association: the DUL thread sleeps 1 ms
 whenever the socket has no complete data, and the association thread sleeps 1 ms
 between checks for a decoded DIMSE message. A 512 KB CT slice arrives in dozens of
-PDUs, so those sleeps, not the work, dominated our ingest time (about 0.2x of DCMTK's
-storescp). Here the same loops block instead: the DUL thread in ``select()`` on the
-socket and a wake-up pipe, the association thread on an event set when a message or a
-release/abort arrives. The state machine, PDU decoding and DIMSE handling are
+PDUs, so those sleeps, not the work, dominated our ingest time (a plain pynetdicom
+SCP measured 0.18x of DCMTK's storescp; see docs/benchmarks.md). Here the same loops
+block instead: the DUL thread in ``select()`` on the socket and a wake-up pipe, the
+association thread on an event set when a message or a release/abort arrives. The state machine, PDU decoding and DIMSE handling are
 pynetdicom's own, unchanged. The loop bodies follow pynetdicom's (MIT licence) and are
 tied to the pinned pynetdicom version in pyproject.toml.
 """
