@@ -61,12 +61,16 @@ class StudyStatus(str, enum.Enum):
     """Where a study is in its life at the node.
 
     ``receiving``: instances are arriving. ``stable``: none arrived for
-    ``study.stable_age_s``; the study is considered complete. Later issues add the
-    analysis states after ``stable``.
+    ``study.stable_age_s``; the study is considered complete and its series are routed.
+    ``processing``: jobs for its series are queued or running. ``analyzed``: every job
+    ended (done, skipped or failed; each job row says which). An instance arriving in
+    any state after ``receiving`` reopens the study.
     """
 
     RECEIVING = "receiving"
     STABLE = "stable"
+    PROCESSING = "processing"  # jobs for its series are queued or running
+    ANALYZED = "analyzed"  # every series was processed, skipped or failed
 
 
 class AssociationOutcome(str, enum.Enum):
@@ -186,3 +190,83 @@ class Instance(Base):
     )
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobStatus(str, enum.Enum):
+    """The life of one series' analysis."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # no route matched, or never an image to analyse; see reason
+
+
+class Job(Base):
+    """The node's decision about one series at one stable point, and its processing.
+
+    A study that becomes stable again after late instances gets new jobs; old rows
+    stay for audit.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    route: Mapped[str | None] = mapped_column(String(64))
+    pipeline: Mapped[str | None] = mapped_column(String(64))
+    destinations: Mapped[str] = mapped_column(Text, default="[]", doc="JSON list of names")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    reason: Mapped[str] = mapped_column(Text, default="", doc="why skipped, or the error")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    timings: Mapped[str] = mapped_column(Text, default="{}", doc="JSON: step -> seconds")
+    node_process: Mapped[str | None] = mapped_column(String(300))
+
+    __table_args__ = (Index("ix_jobs_status", "status", "id"),)
+
+
+class Result(Base):
+    """A DICOM object the node produced (SEG, SR) or a file beside it (preview)."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), doc="seg, sr or preview")
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    file_path: Mapped[str] = mapped_column(Text, doc="relative to storage.data_dir")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeliveryStatus(str, enum.Enum):
+    PENDING = "pending"  # waiting for its next attempt
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"  # gave up after delivery.max_attempts; needs an operator
+
+
+class Delivery(Base):
+    """One result on its way to one destination."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    node_process: Mapped[str | None] = mapped_column(String(300))
+
+    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)

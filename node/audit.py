@@ -26,6 +26,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_dead_here(owner: str | None) -> bool:
+    """True when ``owner`` (``host:pid``) names a process on this host that has ended.
+
+    Rows owned by live processes, and by other hosts (which this one cannot check),
+    are never taken over.
+    """
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return not _alive(int(pid))
+
+
 class AssociationLog:
     """Opens, counts and closes association rows."""
 
@@ -47,12 +61,7 @@ class AssociationLog:
                 .where(_associations.c.outcome == AssociationOutcome.OPEN.value)
                 .where(_associations.c.node_process.like(f"{host}:%"))
             ).all()
-            dead = [
-                row_id for row_id, owner in rows
-                if owner.rpartition(":")[2].isdigit()
-                and int(owner.rpartition(":")[2]) != os.getpid()
-                and not _alive(int(owner.rpartition(":")[2]))
-            ]
+            dead = [row_id for row_id, owner in rows if is_dead_here(owner)]
             if dead:
                 conn.execute(
                     update(_associations)

@@ -61,6 +61,34 @@ def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
 # -- commands -----------------------------------------------------------------
 
 
+def _check_routes(settings: Settings) -> None:
+    if not settings.routes:
+        return
+    from analysis.pipeline import pipeline_names
+
+    settings.check_pipelines(pipeline_names())
+
+
+def _start_analysis(settings: Settings, engine: Engine) -> tuple[Any, Any, Any]:
+    """Jobs and deliveries left behind by a dead process resume; workers start."""
+    from node import delivery, jobs
+    from node.executor import make_executor
+
+    requeued, failed = jobs.requeue_interrupted(engine, settings.jobs.max_attempts)
+    if requeued or failed:
+        log.warning("jobs interrupted by an earlier crash: %s queued again, %s failed",
+                    len(requeued), len(failed))
+    if resent := delivery.requeue_interrupted(engine):
+        log.warning("%s interrupted deliveries will be sent again", resent)
+    executor = make_executor(settings)
+    sender = delivery.DeliveryWorker(engine, settings)
+    runner = jobs.JobRunner(engine, settings, executor.submit, executor.capacity,
+                            on_job_end=sender.wake.set)
+    sender.start()
+    runner.start()
+    return executor, runner, sender
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from node.audit import AssociationLog
     from node.index import InstanceIndex
@@ -69,6 +97,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from node.stability import StabilityMonitor
     from node.storage import InstanceStore
 
+    _check_routes(settings)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     engine = _engine(settings)
     prepare_database(engine)
@@ -82,6 +111,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if removed := store.clean_incoming():
         log.info("removed %s staged files abandoned by an earlier crash", removed)
     ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)
+    executor, runner, deliveries = _start_analysis(settings, engine)
     scp = StorageSCP(settings.node, ingestor, audit)
     try:
         scp.start()
@@ -90,7 +120,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             f"cannot listen on {settings.node.host}:{settings.node.port} ({exc.strerror}); "
             "set node.port to a free port"
         ) from None
-    monitor = StabilityMonitor(engine, settings.study.stable_age_s, settings.study.check_interval_s)
+    monitor = StabilityMonitor(engine, settings.study.stable_age_s,
+                               settings.study.check_interval_s,
+                               on_stable=lambda _uids: runner.wake.set())
     monitor.start()
     log.info(
         "pacsnode %s ready: AE %s, data in %s, database %s",
@@ -110,6 +142,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     log.info("shutting down")
     monitor.stop()
     scp.stop()
+    runner.stop()
+    deliveries.stop()
+    executor.shutdown()
     ingestor.close()
     engine.dispose()
     return 0
@@ -200,6 +235,15 @@ def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
             f"{series['instances']:>5} inst  {series['series_description']}  "
             f"{series['series_instance_uid']}"
         )
+        analysis = series.get("analysis")
+        if analysis:
+            print(f"      {analysis['status']}: route {analysis['route'] or '-'}, pipeline "
+                  f"{analysis['pipeline'] or '-'} {analysis['reason']}")
+            for result in analysis["results"]:
+                sent = ", ".join(f"{d['destination']} {d['status']} ({d['attempts']} tries)"
+                                 for d in result["deliveries"])
+                print(f"      {result['kind']:<7} {result['sop_instance_uid'] or result['file']}"
+                      f"  {sent}")
     for event in detail["events"]:
         print(f"  {event['at']}  {event['from'] or '-'} -> {event['to']}: {event['reason']}")
     for assoc in detail["associations"]:
@@ -208,6 +252,25 @@ def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
             f"{assoc['instances_of_this_study']} instances, {assoc['outcome']}"
         )
     return 0
+
+
+def cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
+    from node.analyze import analyze_paths
+
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise CLIError(f"no such file or folder: {', '.join(missing)}")
+    if args.pipeline is not None:
+        from analysis.pipeline import pipeline_names
+
+        if args.pipeline not in pipeline_names():
+            raise CLIError(f"no pipeline named {args.pipeline!r} "
+                           f"(known: {', '.join(pipeline_names())})")
+    else:
+        _check_routes(settings)
+    report = analyze_paths(args.paths, Path(args.out), settings, args.pipeline)
+    print(json.dumps(report, indent=2))
+    return 0 if all(s["status"] != "failed" for s in report["series"]) else 1
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
@@ -268,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("uid", metavar="UID")
     study.add_argument("--json", action="store_true")
     study.set_defaults(func=cmd_study)
+
+    analyze = commands.add_parser(
+        "analyze", parents=[common],
+        help="analyse files and folders offline: SEG, SR and preview per series",
+    )
+    analyze.add_argument("paths", nargs="+", metavar="PATH")
+    analyze.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    analyze.add_argument("--pipeline", help="run this pipeline on every image series "
+                         "instead of routing them by the configured routes")
+    analyze.set_defaults(func=cmd_analyze)
 
     db = commands.add_parser("db", parents=[common], help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")

@@ -12,10 +12,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -98,6 +105,82 @@ class Destination(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+def _as_list(value: Any) -> Any:
+    """A single value where a list is expected is a list of one."""
+    return [value] if isinstance(value, (str, int)) else value
+
+
+class RouteMatch(_Section):
+    """What a series must have for its route to apply; unset keys match anything.
+
+    Text comparisons ignore case; each key takes one value or a list of values.
+    """
+
+    modality: list[str] | None = None
+    body_part: list[str] | None = None
+    sop_class: list[str] | None = Field(None, description="SOP Class UIDs")
+    series_description: str | None = Field(None, description="regular expression (search)")
+    calling_ae: list[str] | None = None
+    min_instances: int = Field(1, ge=1)
+
+    _lists = field_validator(
+        "modality", "body_part", "sop_class", "calling_ae", mode="before"
+    )(_as_list)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class Route(_Section):
+    """Which pipeline analyses a series, and where its results go."""
+
+    name: str = Field(min_length=1, max_length=64)
+    match: RouteMatch = RouteMatch()
+    pipeline: str = Field(min_length=1)
+    destinations: list[str] | None = Field(
+        None, description="destination names; unset means every configured destination"
+    )
+
+
+DEFAULT_ROUTES = [Route(name="ct", match=RouteMatch(modality=["CT"]), pipeline="ct-body-lungs")]
+
+
+class ResultsConfig(_Section):
+    """How result series appear in the PACS."""
+
+    seg_series_number: int = Field(9901, ge=0, le=2147483647)
+    seg_series_description: str = Field("pacsnode segmentation", max_length=64)
+    sr_series_number: int = Field(9902, ge=0, le=2147483647)
+    sr_series_description: str = Field("pacsnode measurements", max_length=64)
+
+
+class JobsConfig(_Section):
+    """Where and how series are analysed."""
+
+    executor: str = Field("process", pattern="^(process|inline)$")
+    workers: int = Field(1, ge=1, description="analysis processes")
+    max_attempts: int = Field(
+        3, ge=1, description="runs of a job interrupted by crashes before it is failed"
+    )
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class DeliveryConfig(_Section):
+    """Sending results to destinations, with retries."""
+
+    retry_initial_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(50, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
 class WebConfig(_Section):
     """The HTTP dashboard and REST API (later issues)."""
 
@@ -132,8 +215,26 @@ class Settings(BaseSettings):
     database: DatabaseConfig = DatabaseConfig()
     study: StudyConfig = StudyConfig()
     destinations: list[Destination] = []
+    routes: list[Route] = DEFAULT_ROUTES
+    results: ResultsConfig = ResultsConfig()
+    jobs: JobsConfig = JobsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     web: WebConfig = WebConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Self:
+        known = [dest.name for dest in self.destinations]
+        if len(set(known)) != len(known):
+            raise ValueError("destinations: names must be unique")
+        for number, route in enumerate(self.routes):
+            for name in route.destinations or []:
+                if name not in known:
+                    raise ValueError(
+                        f"routes.{number}.destinations: no destination named {name!r} "
+                        f"(configured: {', '.join(known) or 'none'})"
+                    )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -153,6 +254,20 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.storage.data_dir / 'pacsnode.db').as_posix()}"
+
+    def route_destinations(self, route: Route) -> list[str]:
+        if route.destinations is None:
+            return [dest.name for dest in self.destinations]
+        return list(route.destinations)
+
+    def check_pipelines(self, known: list[str]) -> None:
+        """Refuse routes naming a pipeline that does not exist (checked where it runs)."""
+        for number, route in enumerate(self.routes):
+            if route.pipeline not in known:
+                raise ConfigError(
+                    f"invalid configuration:\n  routes.{number}.pipeline: no pipeline named "
+                    f"{route.pipeline!r} (known: {', '.join(known)})"
+                )
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:
@@ -182,10 +297,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across sections names its keys itself
+            lines.append(message)
+            continue
+        key = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
         shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-        lines.append(f"{key}: {item['msg']}{shown}")
+        lines.append(f"{key}: {message}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, Table, select, update
@@ -60,8 +61,12 @@ def mark_stable(engine: Engine, stable_age_s: float, now: datetime | None = None
 class StabilityMonitor(threading.Thread):
     """Runs :func:`mark_stable` every ``interval_s`` until stopped."""
 
-    def __init__(self, engine: Engine, stable_age_s: float, interval_s: float) -> None:
+    def __init__(
+        self, engine: Engine, stable_age_s: float, interval_s: float,
+        on_stable: Callable[[list[str]], None] = lambda uids: None,
+    ) -> None:
         super().__init__(name="stability-monitor", daemon=True)
+        self.on_stable = on_stable
         self.engine = engine
         self.stable_age_s = stable_age_s
         self.interval_s = interval_s
@@ -70,7 +75,8 @@ class StabilityMonitor(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             try:
-                mark_stable(self.engine, self.stable_age_s)
+                if changed := mark_stable(self.engine, self.stable_age_s):
+                    self.on_stable(changed)
             except Exception:  # a database outage must not kill the monitor
                 log.exception("stability check failed; retrying in %s s", self.interval_s)
 

@@ -84,6 +84,10 @@ class NodeProcess:
                 "PACSNODE__DATABASE__URL": self.db_url,
                 "PACSNODE__STUDY__STABLE_AGE_S": str(self.stable_age_s),
                 "PACSNODE__STUDY__CHECK_INTERVAL_S": "0.2",
+                # Receiving tests need no analysis; analysis tests set their routes.
+                "PACSNODE__ROUTES": "[]",
+                "PACSNODE__JOBS__POLL_INTERVAL_S": "0.2",
+                "PACSNODE__DELIVERY__POLL_INTERVAL_S": "0.2",
             }
         )
         env.update(self.extra_env)

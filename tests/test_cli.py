@@ -83,12 +83,13 @@ def test_db_upgrade_on_sqlite_and_postgres(tmp_path: Path, db_url: str) -> None:
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    assert "upgraded from empty to revision 0002" in run()
-    assert "already at revision 0002" in run()
+    assert "upgraded from empty to revision 0003" in run()
+    assert "already at revision 0003" in run()
     engine = create_engine(db_url)
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
-    assert {"associations", "patients", "studies", "series", "instances", "study_events"} <= tables
+    assert {"associations", "patients", "studies", "series", "instances", "study_events",
+            "jobs", "results", "deliveries"} <= tables
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
@@ -124,4 +125,4 @@ def test_database_at_an_older_schema_is_refused(tmp_path: Path) -> None:
     assert "run 'pacsnode db upgrade' first" in result.stderr
     upgrade = subprocess.run([sys.executable, "-m", "node.cli", "db", "upgrade"], env=env,
                              capture_output=True, text=True, timeout=120)
-    assert "upgraded from 0001 to revision 0002" in upgrade.stdout
+    assert "upgraded from 0001 to revision 0003" in upgrade.stdout

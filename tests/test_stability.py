@@ -17,6 +17,10 @@ from node.stability import mark_stable
 from tests.conftest import NodeProcess, make_series, require_tool
 
 
+#: Where a stable study goes without routes: its series are skipped and it is analyzed.
+AFTER_STABLE = [("receiving", "stable"), ("stable", "processing"), ("processing", "analyzed")]
+
+
 def wait_for_status(node: NodeProcess, uid: str, status: str, timeout: float = 20) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,9 +64,11 @@ def test_node_marks_stable_and_reopens(make_node: Any, tmp_path: Path) -> None:
     node.storescu(*series.paths[:3])
     assert node.study(series.study_instance_uid)["status"] == "receiving"
 
-    stable = wait_for_status(node, series.study_instance_uid, "stable")
+    stable = wait_for_status(node, series.study_instance_uid, "analyzed")
     assert stable["stable_at"] is not None
     assert stable["stable_at"] >= stable["last_received_at"]
+    jobs = [s["analysis"] for s in stable["series"]]
+    assert [(j["status"], j["reason"]) for j in jobs] == [("skipped", "no routes are configured")]
 
     node.storescu(series.paths[3])
     reopened = node.study(series.study_instance_uid)
@@ -70,14 +76,13 @@ def test_node_marks_stable_and_reopens(make_node: Any, tmp_path: Path) -> None:
     assert reopened["stable_at"] is None
     assert reopened["instances"] == 4
 
-    again = wait_for_status(node, series.study_instance_uid, "stable")
+    again = wait_for_status(node, series.study_instance_uid, "analyzed")
     transitions = [(e["from"], e["to"]) for e in again["events"]]
     assert transitions == [
-        (None, "receiving"),
-        ("receiving", "stable"),
-        ("stable", "receiving"),
-        ("receiving", "stable"),
+        (None, "receiving"), *AFTER_STABLE, ("analyzed", "receiving"), *AFTER_STABLE,
     ]
+    # The series changed (4 instances, not 3), so it was routed again.
+    assert [j["instances"] for j in again["series"][0]["jobs"]] == [3, 4]
 
 
 def test_stability_recovered_after_restart(make_node: Any, tmp_path: Path) -> None:
@@ -88,5 +93,5 @@ def test_stability_recovered_after_restart(make_node: Any, tmp_path: Path) -> No
     node.kill()  # crash while the study is still receiving
     time.sleep(2.5)
     node.start()
-    study = wait_for_status(node, series.study_instance_uid, "stable", timeout=10)
+    study = wait_for_status(node, series.study_instance_uid, "analyzed", timeout=10)
     assert study["instances"] == 3
