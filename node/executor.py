@@ -85,7 +85,7 @@ class InlineExecutor:
         from node import analyze
 
         self.capacity = settings.jobs.workers
-        analyze.init_worker(settings.model_dump(mode="json"))
+        analyze.init_worker(settings.model_dump(mode="json"), child=False)
         self._pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="job")
 
     def submit(self, job_id: int) -> Future[Any]:
