@@ -111,6 +111,42 @@ def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
     return dataset
 
 
+#: Tags from here on (Pixel Data and its kin) come after every attribute we index.
+_PIXEL_GROUP = 0x7FE00000
+
+
+def parse_prefix(raw: bytes | memoryview, transfer_syntax: str) -> tuple[Dataset, int] | None:
+    """Parse the elements before Pixel Data from the first bytes of a dataset.
+
+    Returns the dataset (values raw) and the size the whole dataset will have if Pixel
+    Data is its last element with a defined length (else ``-1``); ``None`` while the
+    bytes do not yet reach Pixel Data, or for a syntax that needs the whole stream
+    (deflate). Nothing is refused here: :func:`parse_header` on the whole dataset does
+    that, so a prefix that does not parse just means "wait".
+    """
+    ts = UID(transfer_syntax)
+    if ts.is_deflated:
+        return None
+    buffer = BytesIO(raw)
+    ends: list[int] = []
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        if tag < _PIXEL_GROUP:
+            return False
+        ends.append(-1 if length == _UNDEFINED_LENGTH else buffer.tell() + length)
+        return True
+
+    try:
+        dataset = read_dataset(buffer, is_implicit_VR=ts.is_implicit_VR,
+                               is_little_endian=ts.is_little_endian, stop_when=at_pixels)
+        _check_lengths(dataset)
+    except Exception:  # incomplete or garbled: the whole dataset will tell
+        return None
+    if not ends:
+        return None
+    return dataset, ends[0]
+
+
 def _check_lengths(dataset: Dataset) -> None:
     """Refuse a dataset whose top-level element runs past the end of the data.
 

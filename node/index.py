@@ -69,6 +69,10 @@ class InstanceIndex:
         self._ids: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
+    def knows_series(self, series_instance_uid: str) -> bool:
+        """True when this process has committed the series' row (and its study's)."""
+        return self._cached("series", series_instance_uid) is not None
+
     def find(self, sop_instance_uid: str) -> str | None:
         """The stored file path of an indexed instance, or ``None``."""
         with self.engine.connect().execution_options(readonly=True) as conn:
@@ -119,6 +123,15 @@ class InstanceIndex:
         with self._lock:
             self._ids.update(new_ids)
         return True
+
+    def set_size(self, sop_instance_uid: str, file_size: int) -> None:
+        """Correct the size of a row recorded before its dataset had fully arrived."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(_instances)
+                .where(_instances.c.sop_instance_uid == sop_instance_uid)
+                .values(file_size=file_size)
+            )
 
     def forget(self, sop_instance_uid: str, association_id: int | None) -> None:
         """Remove an instance row committed for a file that could not be made safe."""

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import utcnow
 from node.audit import AssociationLog
-from node.header import HeaderError, InstanceHeader, extract_header, parse_header
+from node.header import HeaderError, InstanceHeader, extract_header, parse_header, parse_prefix
 from node.index import InstanceIndex
 from node.status import StoreStatus
 from node.storage import (
@@ -119,6 +119,8 @@ class Ingestor:
 
     def _store(self, incoming: Incoming) -> StoreResult:
         assert incoming.writer is not None
+        if incoming.early is not None:
+            return self._store_early(incoming, incoming.early)
         dataset = incoming.dataset()
         size = incoming.writer.size
         staging = self._pool.submit(incoming.writer.seal)
@@ -197,6 +199,85 @@ class Ingestor:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         return StoreResult(StoreStatus.SUCCESS, "duplicate", duplicate=True)
 
+    # -- the early path: indexed while the pixels are still arriving ------------------
+
+    def index_early(self, incoming: Incoming, header: InstanceHeader, size: int) -> Early:
+        """Record the instance's row now, in a worker, while its dataset arrives.
+
+        When the last fragment arrives only the file's fsync and link remain. The row
+        exists before Success, as it does on the normal path when a crash falls between
+        commit and link: if the instance is never completed the row is taken back
+        (:meth:`Incoming.abort`, or :meth:`InstanceIndex.drop_unfiled` after a crash).
+        """
+        request = incoming.request
+        relative = self.store.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        recording = self._pool.submit(
+            self.index.record, header, relative.as_posix(), size, request.transfer_syntax,
+            request.association_id, utcnow(),
+        )
+        return Early(header, relative, size, recording)
+
+    def _store_early(self, incoming: Incoming, early: Early) -> StoreResult:
+        request, writer = incoming.request, incoming.writer
+        assert writer is not None
+        if writer.size != early.size:
+            # Elements after Pixel Data, encapsulated (compressed) pixels, or a short
+            # dataset: check the whole of it as the normal path does.
+            try:
+                parse_header(incoming.dataset(), request.transfer_syntax)
+            except HeaderError as exc:
+                writer.discard()
+                self._take_back(early, request.association_id)
+                return StoreResult(exc.status, exc.reason)
+        try:
+            staged = writer.seal()
+        except StorageError as exc:
+            self._take_back(early, request.association_id)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+        try:
+            new = early.recording.result()
+        except SQLAlchemyError as exc:
+            self.store.discard(staged)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {_short(exc)}")
+        placing: Future[bool] = Future()
+        try:
+            placing.set_result(self.store.place(staged, early.relative))
+        except StorageError as exc:
+            placing.set_exception(exc)
+        if not new:
+            self.store.discard(staged)
+            return self._duplicate(placing, early.relative)
+        try:
+            if not placing.result():
+                self.store.publish(staged, early.relative)  # see _index: a crash's leftover
+        except StorageError as exc:
+            self.store.discard(staged)
+            self._unrecord(early.header.sop_instance_uid, request.association_id)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+        if writer.size != early.size:
+            self._correct_size(early.header.sop_instance_uid, writer.size)
+        return StoreResult(StoreStatus.SUCCESS)
+
+    def _correct_size(self, sop_instance_uid: str, size: int) -> None:
+        try:
+            self.index.set_size(sop_instance_uid, size)
+        except SQLAlchemyError:
+            # The instance is safe and indexed; only its recorded size is off.
+            log.exception("could not record the size of instance %s", sop_instance_uid)
+
+    def _take_back(self, early: Early, association_id: int | None) -> None:
+        """Remove an early row of an instance that was not completed and not filed."""
+        try:
+            new = early.recording.result()
+        except SQLAlchemyError:
+            return
+        # A concurrent association may have filed the same instance meanwhile: then the
+        # row is rightly there.
+        if new and not self.store.exists(early.relative):
+            self._unrecord(early.header.sop_instance_uid, association_id)
+
     def _tidy(self, staging: Future[StagedFile]) -> None:
         """Drop the staged copy unless it was filed (then its name is gone anyway)."""
         try:
@@ -218,6 +299,20 @@ class Ingestor:
             log.exception("could not count a refused instance on association %s", association_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Early:
+    """An instance indexed from its first fragments (see :meth:`Ingestor.index_early`)."""
+
+    header: InstanceHeader
+    relative: PurePosixPath
+    size: int  # the file size the row records; -1 when unknown until the end
+    recording: Future[bool]  # InstanceIndex.record: True when the row is new
+
+
+#: How far into a dataset the elements before Pixel Data are looked for.
+_EARLY_LIMIT = 1 << 16
+
+
 class Incoming:
     """One instance being received (see :meth:`Ingestor.begin`)."""
 
@@ -232,6 +327,8 @@ class Incoming:
         self.request = request
         self.writer = writer
         self.refusal = refusal
+        self.early: Early | None = None
+        self._looking = writer is not None and refusal is None
         self._fragments: list[bytes | memoryview] = []
 
     def write(self, fragment: bytes | memoryview) -> None:
@@ -239,6 +336,33 @@ class Incoming:
         self._fragments.append(fragment)
         if self.writer is not None:
             self.writer.write(fragment)
+            if self._looking:
+                self._look_for_header()
+
+    def _look_for_header(self) -> None:
+        """Index the instance as soon as the elements before Pixel Data are here."""
+        assert self.writer is not None
+        data = self.dataset()
+        if len(data) > _EARLY_LIMIT:
+            self._looking = False
+        found = parse_prefix(data, self.request.transfer_syntax)
+        if found is None:
+            return
+        self._looking = False
+        dataset, dataset_size = found
+        try:
+            header = extract_header(dataset)
+        except HeaderError:
+            return  # refused at the end, on the whole dataset, as always
+        if _mismatch(header, self.request):
+            return
+        if not self.ingestor.index.knows_series(header.series_instance_uid):
+            # A series' first instance creates its patient, study and series rows: those
+            # wait for the whole instance, so an aborted one never leaves an empty study.
+            return
+        meta_size = self.writer.size - len(data)
+        size = meta_size + dataset_size if dataset_size >= 0 else -1
+        self.early = self.ingestor.index_early(self, header, size)
 
     def dataset(self) -> bytes:
         data = b"".join(self._fragments)
@@ -253,6 +377,8 @@ class Incoming:
         """The association ended mid-instance: nothing was acknowledged, drop it."""
         if self.writer is not None:
             self.writer.discard()
+        if self.early is not None:
+            self.ingestor._take_back(self.early, self.request.association_id)
 
 
 def _mismatch(header: InstanceHeader, request: StoreRequest) -> str:

@@ -30,6 +30,7 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 # On Linux, POSIX_FADV_DONTNEED on dirty pages starts their writeback without waiting.
 _START_WRITEBACK: int | None = getattr(os, "POSIX_FADV_DONTNEED", None)
+_WRITEBACK_STEP = 128 * 1024
 
 
 class StorageError(OSError):
@@ -69,6 +70,7 @@ class StagingWriter:
         self.store = store
         self.tmp = tmp
         self.size = 0
+        self._advised = 0  # bytes already handed to writeback
         self.error: OSError | None = None
         self._fd: int | None = None
         try:
@@ -82,16 +84,18 @@ class StagingWriter:
         if self._fd is None:
             return
         view = memoryview(data)
-        start = self.size
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
                 self.size += written
-            if _START_WRITEBACK is not None:
+            if _START_WRITEBACK is not None and self.size - self._advised >= _WRITEBACK_STEP:
                 # Start writing these pages to disk now, while the rest of the
                 # instance is still arriving, so the final fsync has little left to do.
-                os.posix_fadvise(self._fd, start, self.size - start, _START_WRITEBACK)
+                # Per 128 KB, not per fragment: each call costs more than the write.
+                os.posix_fadvise(self._fd, self._advised, self.size - self._advised,
+                                 _START_WRITEBACK)
+                self._advised = self.size
         except OSError as exc:
             self._fail(exc)
 

@@ -1,0 +1,86 @@
+"""A sender that aborts in the middle of an instance leaves nothing behind.
+
+The node indexes an instance of a known series as soon as the elements before its
+Pixel Data arrive (so that only the fsync and link remain after the last fragment);
+when the rest never comes, that row must go again.
+"""
+
+from __future__ import annotations
+
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.dsutils import encode
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import create_engine, text
+
+from tests.conftest import NodeProcess, make_series, require_tool
+
+
+def _encoded(path: Path) -> bytes:
+    encoded = encode(pydicom.dcmread(path), is_implicit_vr=False, is_little_endian=True)
+    assert encoded is not None
+    return encoded
+
+
+def _send_half(node: NodeProcess, path: Path) -> None:
+    """Send a C-STORE request and part of its dataset, then A-ABORT."""
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="HALFSENDER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, max_pdu=16384)
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(_encoded(path))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    fragments = list(message.encode_msg(context_id, 16384))
+    assert len(fragments) > 4
+    for fragment in fragments[: len(fragments) // 2]:
+        assoc.dul.send_pdu(fragment)
+    time.sleep(0.5)  # the node has the header and has indexed the instance by now
+    assoc.abort()
+
+
+def test_abort_mid_instance_takes_the_early_row_back(make_node: Any, tmp_path: Path) -> None:
+    require_tool("storescu")
+    node = make_node()
+    series = make_series(tmp_path / "s", slices=3, size=256)
+    node.storescu(series.paths[0])  # the series is known: its next instances index early
+    _send_half(node, series.paths[1])
+
+    engine = create_engine(node.db_url)
+    query = text("select outcome, instances_stored from associations where calling_ae = :ae")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            row = conn.execute(query, {"ae": "HALFSENDER"}).first()
+        if row is not None and row.outcome == "aborted":
+            break
+        time.sleep(0.2)
+    engine.dispose()
+    assert row is not None and tuple(row) == ("aborted", 0)
+    (study,) = node.studies()
+    assert study["instances"] == 1, study
+    assert not list((node.data_dir / "incoming").iterdir())
+    stored = list((node.data_dir / "studies").rglob("*.dcm"))
+    assert [p.stem for p in stored] == [series.sop_instance_uids[0]]
+    detail = node.study(series.study_instance_uid)
+    (assoc,) = [a for a in detail["associations"] if a["calling_ae"] == "STORESCU"]
+    assert assoc["instances_of_this_study"] == 1
+
+    # The same instance sent whole afterwards is stored and indexed as new.
+    node.storescu(series.paths[1])
+    (study,) = node.studies()
+    assert study["instances"] == 2
