@@ -1,0 +1,626 @@
+"""Hand-crafted features of a CT series and of a segment, in physical units.
+
+Two uses: the region classifier (:mod:`analysis.region`) describes a whole series by
+:func:`series_features`; measurement reports can describe a segment by
+:func:`segment_features`. Both combine
+
+* first-order statistics of the Hounsfield units (moments, percentiles, histogram
+  entropy on fixed 20 HU bins, fractions of the air, lung, fat, soft-tissue and bone
+  ranges),
+* shape, in mm and cm² (cross-section size, elongation, solidity, their variation
+  along the series; for the series also internal air and how bone is arranged around
+  the outline, which separates a skull ring from ribs and from a pelvis),
+* grey-level co-occurrence (GLCM) texture from scikit-image's ``graycomatrix`` /
+  ``graycoprops`` on a windowed, quantised image.
+
+Everything is computed on slices resampled to a fixed in-plane grid (2 mm for a
+series, 1 mm for a segment), so a feature does not depend on the pixel spacing; a
+series is sampled at no more than 16 evenly spaced slices, so a 200x512x512 volume
+takes well under a second. Features that need several slices (variation along z)
+are 0 for a single slice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from skimage.feature import graycomatrix, graycoprops
+
+from analysis.segment import fill_holes_slicewise, morph_slicewise, segment_body
+from analysis.types import ImageVolume
+
+#: Stored CT values span -1024..3071 HU; padding outside the reconstruction circle
+#: (-2000, -3024) is clipped to air so it never counts as very dark tissue.
+HU_RANGE = (-1024.0, 3071.0)
+#: In-plane grid of the series features, and the slices sampled at most.
+SERIES_GRID_MM = 2.0
+SERIES_MAX_SLICES = 16
+SEGMENT_GRID_MM = 1.0
+#: (name, low, high) HU ranges whose fractions are features.
+TISSUE_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("air", -1024.0, -900.0),
+    ("lung", -900.0, -500.0),
+    ("fat", -200.0, -30.0),
+    ("soft", -30.0, 100.0),
+    ("dense", 100.0, 300.0),
+    ("bone", 300.0, math.inf),
+    ("cortical", 700.0, math.inf),
+)
+#: GLCM windows (name, centre, width): broad to see air against tissue and bone, soft
+#: tissue to see texture within organs. Quantised to GLCM_LEVELS grey levels.
+GLCM_WINDOWS: tuple[tuple[str, float, float], ...] = (("wide", 0.0, 2000.0), ("soft", 40.0, 400.0))
+GLCM_LEVELS = 32
+GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
+_AIR_HU = -400.0
+_BONE_HU = 300.0
+#: Internal air below this area (per slice, or in all sampled slices) has no meaningful
+#: sides or median.
+_MIN_AIR_MM2 = 200.0
+_HIST_BINS = np.arange(HU_RANGE[0], 2000.0 + 20.0, 20.0)
+_FIRST_ORDER = ("mean", "std", "skewness", "kurtosis", "p05", "p25", "p50", "p75", "p95", "entropy")
+
+#: What :func:`series_features` returns, in this order (a model's input columns).
+SERIES_FEATURES: tuple[str, ...] = (
+    *[f"hu_{n}" for n in _FIRST_ORDER],
+    *[f"frac_{name}" for name, _, _ in TISSUE_RANGES],
+    "area_cm2_median",
+    "area_cm2_max",
+    "area_cv",
+    "area_range_rel",
+    "major_mm_median",
+    "minor_mm_median",
+    "aspect_median",
+    "eccentricity_median",
+    "solidity_median",
+    "components_median",
+    "equivalent_diameter_mm",
+    "z_extent_mm",
+    "air_frac",
+    "air_largest_frac_median",
+    "air_largest_frac_max",
+    "air_blobs_median",
+    "air_median_hu",
+    "air_bilateral_median",
+    "bone_area_frac_median",
+    "bone_depth_mm_median",
+    "bone_depth_rel_median",
+    "bone_periphery_frac",
+    "bone_ring_coverage_median",
+    "bone_components_median",
+    *[f"glcm_{w}_{p}" for w, _, _ in GLCM_WINDOWS for p in GLCM_PROPS],
+)
+
+
+class NoBodyError(ValueError):
+    """The series shows no body (nothing above the body threshold)."""
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """The sampled, resampled slices features are computed on."""
+
+    hu: np.ndarray  # float32 (k, rows, columns) on the grid
+    body: np.ndarray  # bool, same shape
+    grid_mm: float  # in-plane spacing of hu
+    slice_step_mm: float  # distance between sampled slices (the series' if one slice)
+    lateral_axis: int  # 1 or 2: which in-plane axis runs left-right in the patient
+    z_extent_mm: float
+
+
+# ------------------------------------------------------------------------ first order
+
+
+def first_order(values: np.ndarray, prefix: str = "hu") -> dict[str, float]:
+    """Moments, percentiles, entropy and tissue-range fractions of HU values.
+
+    Parameters
+    ----------
+    values
+        1D HU values (clipped to :data:`HU_RANGE` here).
+    prefix
+        Feature name prefix.
+
+    Returns
+    -------
+    dict
+        ``{prefix}_mean``, ``_std``, ``_skewness``, ``_kurtosis`` (excess),
+        ``_p05`` ... ``_p95``, ``_entropy`` (bits, 20 HU bins) and ``frac_{range}`` for
+        each of :data:`TISSUE_RANGES`; zeros for no values.
+    """
+    names = [f"{prefix}_{n}" for n in _FIRST_ORDER]
+    names += [f"frac_{name}" for name, _, _ in TISSUE_RANGES]
+    if values.size == 0:
+        return dict.fromkeys(names, 0.0)
+    v = np.clip(values.astype(np.float64, copy=False), *HU_RANGE)
+    mean = float(v.mean())
+    centred = v - mean
+    std = float(np.sqrt(np.mean(centred**2)))
+    if std > 1e-6:
+        skew = float(np.mean(centred**3) / std**3)
+        kurt = float(np.mean(centred**4) / std**4 - 3.0)
+    else:
+        skew = kurt = 0.0
+    p = np.percentile(v, [5, 25, 50, 75, 95])
+    hist, _ = np.histogram(v, bins=_HIST_BINS)
+    prob = hist[hist > 0] / max(hist.sum(), 1)
+    entropy = float(-(prob * np.log2(prob)).sum())
+    out = dict(zip(names[:10], [mean, std, skew, kurt, *map(float, p), entropy], strict=True))
+    for name, low, high in TISSUE_RANGES:
+        out[f"frac_{name}"] = float(np.mean((v >= low) & (v < high)))
+    return out
+
+
+# ------------------------------------------------------------------------------- GLCM
+
+
+def glcm_features(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    *,
+    center: float,
+    width: float,
+    distances: Sequence[int] = (1, 2),
+    prefix: str = "glcm",
+) -> dict[str, float]:
+    """GLCM properties of HU images within masks, averaged over 4 angles and distances.
+
+    ``distances`` are in pixels of the images: on the series' 2 mm grid the defaults
+    pair pixels 2 and 4 mm apart, on a segment's 1 mm grid 1 and 2 mm apart.
+
+    Pixels inside a mask are windowed and quantised to levels ``1..GLCM_LEVELS-1``;
+    outside is level 0, whose co-occurrences are dropped before normalising, so the
+    outline and the background do not count as texture. The counts of all images are
+    pooled before the properties are taken.
+
+    Returns
+    -------
+    dict
+        ``{prefix}_{prop}`` for each of :data:`GLCM_PROPS`; zeros without pairs.
+    """
+    levels = GLCM_LEVELS
+    angles = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
+    total = np.zeros((levels, levels, len(distances), len(angles)), dtype=np.float64)
+    low = center - width / 2.0
+    for image, mask in zip(images, masks, strict=True):
+        if mask.sum() < 4:
+            continue
+        q = np.clip((image - low) / width, 0.0, 1.0) * (levels - 2)
+        quantised = np.where(mask, np.rint(q).astype(np.uint8) + 1, 0).astype(np.uint8)
+        total += graycomatrix(
+            quantised, distances=list(distances), angles=list(angles), levels=levels, symmetric=True
+        )
+    total[0, :, :, :] = 0
+    total[:, 0, :, :] = 0
+    sums = total.sum(axis=(0, 1), keepdims=True)
+    if not np.all(sums > 0):
+        return {f"{prefix}_{prop}": 0.0 for prop in GLCM_PROPS}
+    normed = total / sums
+    out = {}
+    for prop in GLCM_PROPS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = graycoprops(normed, prop)
+        # Correlation is undefined (NaN) on a constant image: call it 1, perfectly predictable.
+        out[f"{prefix}_{prop}"] = float(np.nan_to_num(value, nan=1.0).mean())
+    return out
+
+
+# ------------------------------------------------------------------------------ series
+
+
+def series_features(
+    volume: ImageVolume,
+    body: np.ndarray | None = None,
+    *,
+    max_slices: int = SERIES_MAX_SLICES,
+    grid_mm: float = SERIES_GRID_MM,
+) -> dict[str, float]:
+    """Features describing a whole CT series, for region classification.
+
+    Parameters
+    ----------
+    volume
+        The series in HU (any spacing, one or more slices).
+    body
+        The body mask from :func:`analysis.segment.segment_body` on ``volume``'s grid, if
+        already computed; otherwise the body is segmented here on the sampled slices.
+    max_slices
+        Evenly spaced slices sampled at most.
+    grid_mm
+        In-plane grid the slices are resampled to.
+
+    Returns
+    -------
+    dict
+        One finite float per name of :data:`SERIES_FEATURES`, in that order.
+
+    Raises
+    ------
+    NoBodyError
+        No body on any sampled slice.
+    """
+    sampled = _sample(volume, body, max_slices=max_slices, grid_mm=grid_mm)
+    hu, mask = sampled.hu, sampled.body
+    out: dict[str, float] = {}
+    values = hu[mask]
+    step = max(1, values.size // 200_000)  # a regular subsample keeps percentiles honest
+    out.update(first_order(values[::step]))
+    out.update(_shape_features(sampled))
+    out.update(_air_features(sampled))
+    out.update(_bone_features(sampled))
+    picks = _representative(mask)
+    for name, center, width in GLCM_WINDOWS:
+        out.update(
+            glcm_features(
+                [hu[k] for k in picks],
+                [mask[k] for k in picks],
+                center=center,
+                width=width,
+                prefix=f"glcm_{name}",
+            )
+        )
+    return {name: _finite(out[name]) for name in SERIES_FEATURES}
+
+
+def feature_vector(features: Mapping[str, float], names: Sequence[str] = ()) -> np.ndarray:
+    """``features`` as a float64 row in the order of ``names`` (default :data:`SERIES_FEATURES`).
+
+    Raises
+    ------
+    KeyError
+        A name is missing from ``features``.
+    """
+    names = names or SERIES_FEATURES
+    missing = [n for n in names if n not in features]
+    if missing:
+        raise KeyError(f"features missing: {', '.join(missing)}")
+    return np.array([float(features[n]) for n in names], dtype=np.float64)
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else 0.0
+
+
+def _sample(
+    volume: ImageVolume, body: np.ndarray | None, *, max_slices: int, grid_mm: float
+) -> _Sampled:
+    n = volume.hu.shape[0]
+    picks = np.unique(np.rint(np.linspace(0, n - 1, min(n, max_slices))).astype(int))
+    dz, dy, dx = volume.spacing_mm
+    rows = max(8, round(volume.hu.shape[1] * dy / grid_mm))
+    columns = max(8, round(volume.hu.shape[2] * dx / grid_mm))
+    hu = np.clip(volume.hu[picks], *HU_RANGE).astype(np.float32, copy=False)
+    hu = _resize(hu, rows, columns)
+    # The grid's actual spacing, rounded sizes included (rows and columns alike).
+    grid = float(np.sqrt(volume.hu.shape[1] * dy / rows * volume.hu.shape[2] * dx / columns))
+    step = dz * (picks[1] - picks[0]) if len(picks) > 1 else dz
+    if body is not None:
+        if body.shape != volume.hu.shape:
+            raise ValueError(
+                f"body mask shape {body.shape} differs from the volume's {volume.hu.shape}"
+            )
+        mask = _resize(body[picks].astype(np.float32), rows, columns) > 0.5
+    else:
+        mask = segment_body(hu, (float(step), grid, grid))
+    mask = _close_outline(mask, grid)
+    if not mask.any():
+        raise NoBodyError(
+            "no body found in the series (nothing above -500 HU that looks like a patient)"
+        )
+    keep = mask.any(axis=(1, 2))
+    z_extent = float(dz * (picks[keep][-1] - picks[keep][0]) + dz)
+    return _Sampled(
+        hu=hu[keep],
+        body=mask[keep],
+        grid_mm=grid,
+        slice_step_mm=float(step),
+        lateral_axis=_lateral_axis(volume.affine),
+        z_extent_mm=z_extent,
+    )
+
+
+def _resize(stack: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    if stack.shape[1:] == (rows, columns):
+        return stack.copy()
+    shrinking = rows * columns < stack.shape[1] * stack.shape[2]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return np.stack(
+        [
+            cv2.resize(np.ascontiguousarray(s), (columns, rows), interpolation=interpolation)
+            for s in stack
+        ]
+    )
+
+
+def _close_outline(mask: np.ndarray, grid_mm: float) -> np.ndarray:
+    """Fill what a nearly closed outline encloses.
+
+    A thin skull (or a QA phantom's shell) can break under segment_body's opening or
+    the resampling; its interior is then not filled, and a head would look like a ring
+    of bone with nothing inside. The gaps are bridged by a closing to find what they
+    enclose, but the bridges themselves (say, air between an arm and the trunk) are
+    not added.
+    """
+    radius = max(1, round(8.0 / grid_mm))
+    closed = morph_slicewise(mask, cv2.MORPH_CLOSE, radius)
+    return mask | (fill_holes_slicewise(closed) & ~closed)
+
+
+def _lateral_axis(affine: np.ndarray) -> int:
+    """The in-plane axis (1 rows, 2 columns) closest to the patient's left-right."""
+    return 1 if abs(affine[0, 1]) > abs(affine[0, 2]) else 2
+
+
+def _representative(mask: np.ndarray, count: int = 3) -> list[int]:
+    """Slices at the quartiles of the sampled ones (the middle one for few slices)."""
+    n = mask.shape[0]
+    if n <= count:
+        return list(range(n))
+    return sorted({round(q * (n - 1)) for q in (0.25, 0.5, 0.75)})
+
+
+# ---------------------------------------------------------------------------- shape
+
+
+def _slice_shape(
+    mask2d: np.ndarray, grid_mm: float
+) -> tuple[float, float, float, float, float, int]:
+    """Area (cm²), major and minor axis (mm), eccentricity, solidity, large components."""
+    m = mask2d.astype(np.uint8)
+    moments = cv2.moments(m, binaryImage=True)
+    area_px = moments["m00"]
+    if area_px < 1:
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    mu20, mu02, mu11 = (
+        moments["mu20"] / area_px,
+        moments["mu02"] / area_px,
+        moments["mu11"] / area_px,
+    )
+    common = math.sqrt(max(0.0, ((mu20 - mu02) / 2) ** 2 + mu11**2))
+    l1, l2 = (mu20 + mu02) / 2 + common, max((mu20 + mu02) / 2 - common, 0.0)
+    # An ellipse with semi-axis a has variance a² / 4 along it.
+    major, minor = 4.0 * math.sqrt(l1) * grid_mm, 4.0 * math.sqrt(l2) * grid_mm
+    ecc = math.sqrt(max(0.0, 1.0 - l2 / l1)) if l1 > 0 else 0.0
+    points = cv2.findNonZero(m)
+    hull_area = (
+        cv2.contourArea(cv2.convexHull(points)) if points is not None and len(points) >= 3 else 0.0
+    )
+    solidity = min(1.0, area_px / hull_area) if hull_area > 0 else 1.0
+    _, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    large = int(np.sum(stats[1:, cv2.CC_STAT_AREA] * grid_mm**2 >= 500.0))  # >= 5 cm²
+    return area_px * grid_mm**2 / 100.0, major, minor, ecc, solidity, large
+
+
+def _shape_features(s: _Sampled) -> dict[str, float]:
+    rows = np.array([_slice_shape(m, s.grid_mm) for m in s.body], dtype=np.float64)
+    area, major, minor, ecc, solidity, components = rows.T
+    mean_area = float(area.mean())
+    return {
+        "area_cm2_median": float(np.median(area)),
+        "area_cm2_max": float(area.max()),
+        "area_cv": float(area.std() / mean_area) if len(area) > 1 and mean_area > 0 else 0.0,
+        "area_range_rel": float((area.max() - area.min()) / mean_area) if mean_area > 0 else 0.0,
+        "major_mm_median": float(np.median(major)),
+        "minor_mm_median": float(np.median(minor)),
+        "aspect_median": float(np.median(minor / np.maximum(major, 1e-6))),
+        "eccentricity_median": float(np.median(ecc)),
+        "solidity_median": float(np.median(solidity)),
+        "components_median": float(np.median(components)),
+        "equivalent_diameter_mm": float(2.0 * math.sqrt(float(np.median(area)) * 100.0 / math.pi)),
+        "z_extent_mm": s.z_extent_mm,
+    }
+
+
+# ------------------------------------------------------------------------------ air
+
+
+def _air_features(s: _Sampled) -> dict[str, float]:
+    """Air inside the body: how much, in how big pieces, how dark, on both sides or not."""
+    # Skin-deep air is partial volume at the outline, not internal air.
+    inner = morph_slicewise(s.body, cv2.MORPH_ERODE, max(1, round(3.0 / s.grid_mm)))
+    air = (s.hu < _AIR_HU) & inner
+    body_px = s.body.sum(axis=(1, 2)).astype(np.float64)
+    largest, blobs, bilateral = [], [], []
+    for k in range(air.shape[0]):
+        _, _, stats, _ = cv2.connectedComponentsWithStats(air[k].astype(np.uint8), connectivity=8)
+        areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+        largest.append(areas.max() / body_px[k] if areas.size and body_px[k] else 0.0)
+        blobs.append(float(np.sum(areas * s.grid_mm**2 >= 50.0)))  # >= 0.5 cm²
+        # Too little air to have sides: a few noisy pixels would swing the ratio.
+        enough = air[k].sum() * s.grid_mm**2 >= _MIN_AIR_MM2
+        bilateral.append(_bilateral(air[k], s.body[k], s.lateral_axis - 1) if enough else 0.0)
+    air_px = air.sum()
+    return {
+        "air_frac": float(air_px / max(body_px.sum(), 1.0)),
+        "air_largest_frac_median": float(np.median(largest)),
+        "air_largest_frac_max": float(np.max(largest)),
+        "air_blobs_median": float(np.median(blobs)),
+        # Lung (vessels, septa) is about -850 HU, gas in the gut or sinuses -1000.
+        "air_median_hu": float(np.median(s.hu[air]))
+        if air_px * s.grid_mm**2 >= _MIN_AIR_MM2
+        else 0.0,
+        "air_bilateral_median": float(np.median(bilateral)),
+    }
+
+
+def _bilateral(air: np.ndarray, body: np.ndarray, axis: int) -> float:
+    """min/max of the air on either side of the body's centre: ~1 for two lungs."""
+    if not air.any():
+        return 0.0
+    coords = np.nonzero(body)[axis]
+    centre = coords.mean()
+    positions = np.nonzero(air)[axis]
+    left, right = float(np.sum(positions < centre)), float(np.sum(positions >= centre))
+    return min(left, right) / max(left, right)
+
+
+# ----------------------------------------------------------------------------- bone
+
+
+def _bone_features(s: _Sampled) -> dict[str, float]:
+    """Where bone lies relative to the outline: a skull is a ring just under the skin,
+    ribs are scattered around the wall deeper, spine and pelvis lie deep inside."""
+    # A 3x3 median first: noise on contrast-filled vessels and heart (150-350 HU)
+    # would otherwise scatter bone-like specks.
+    smooth = np.stack([cv2.medianBlur(np.ascontiguousarray(h), 3) for h in s.hu])
+    bone = (smooth > _BONE_HU) & s.body
+    depths, coverage, components, area_frac = [], [], [], []
+    for k in range(bone.shape[0]):
+        body = s.body[k].astype(np.uint8)
+        depth = cv2.distanceTransform(body, cv2.DIST_L2, 5) * s.grid_mm
+        b = bone[k]
+        area_frac.append(b.sum() / max(body.sum(), 1))
+        if b.any():
+            depths.append(depth[b])
+        # "Peripheral" relative to the body's size: a skull lies about a tenth of the
+        # head's radius under its outline, ribs a fifth to a quarter of the trunk's;
+        # spine and pelvis lie deeper.
+        radius_k = math.sqrt(body.sum() / math.pi) * s.grid_mm
+        coverage.append(_ring_coverage(b & (depth < 0.3 * radius_k), body))
+        _, _, stats, _ = cv2.connectedComponentsWithStats(b.astype(np.uint8), connectivity=8)
+        components.append(float(np.sum(stats[1:, cv2.CC_STAT_AREA] * s.grid_mm**2 >= 8.0)))
+    all_depths = np.concatenate(depths) if depths else np.zeros(0)
+    radius = math.sqrt(float(np.median(s.body.sum(axis=(1, 2)))) * s.grid_mm**2 / math.pi)
+    return {
+        "bone_area_frac_median": float(np.median(area_frac)),
+        "bone_depth_mm_median": float(np.median(all_depths)) if all_depths.size else 0.0,
+        "bone_depth_rel_median": float(np.median(all_depths) / radius)
+        if all_depths.size and radius
+        else 0.0,
+        "bone_periphery_frac": float(np.mean(all_depths < 0.2 * radius))
+        if all_depths.size
+        else 0.0,
+        "bone_ring_coverage_median": float(np.median(coverage)),
+        "bone_components_median": float(np.median(components)),
+    }
+
+
+def _ring_coverage(peripheral_bone: np.ndarray, body: np.ndarray, sectors: int = 36) -> float:
+    """Fraction of angular sectors around the body's centroid holding peripheral bone."""
+    if not peripheral_bone.any():
+        return 0.0
+    cy, cx = (c.mean() for c in np.nonzero(body))
+    ys, xs = np.nonzero(peripheral_bone)
+    angles = np.arctan2(ys - cy, xs - cx)
+    bins = np.unique(np.floor((angles + np.pi) / (2 * np.pi) * sectors).astype(int) % sectors)
+    return len(bins) / sectors
+
+
+# -------------------------------------------------------------------------- segments
+
+
+def segment_features(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    glcm_window: tuple[float, float] = (-200.0, 1800.0),
+    max_glcm_slices: int = 3,
+) -> dict[str, float]:
+    """First-order, shape and GLCM features of one segment, for measurement reports.
+
+    Parameters
+    ----------
+    hu
+        ``(slices, rows, columns)`` HU.
+    mask
+        bool mask of the segment on the same grid.
+    spacing_mm
+        ``(slice, row, column)`` spacing.
+    glcm_window
+        ``(centre, width)`` of the window quantised for the GLCM; the default spans
+        aerated lung to soft tissue and bone edges.
+    max_glcm_slices
+        The GLCM is pooled over the segment's slices with the largest areas, this many.
+
+    Returns
+    -------
+    dict
+        ``hu_*`` and ``frac_*`` as :func:`first_order`; ``volume_ml``,
+        ``extent_{z,y,x}_mm``, ``axis_{major,middle,minor}_mm`` (of the ellipsoid with
+        the same second moments), ``elongation`` (middle/major), ``flatness``
+        (minor/major), ``fill_ratio`` (volume over that ellipsoid's); ``glcm_*``
+        (1 mm in-plane grid). All zeros for an empty mask.
+    """
+    if mask.shape != hu.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the volume's {hu.shape}")
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    out = first_order(hu[mask])
+    out.update(_segment_shape(mask, spacing))
+    out.update(_segment_glcm(hu, mask, spacing, glcm_window, max_glcm_slices))
+    return {k: _finite(v) for k, v in out.items()}
+
+
+def _segment_shape(mask: np.ndarray, spacing: np.ndarray) -> dict[str, float]:
+    names = (
+        "volume_ml",
+        "extent_z_mm",
+        "extent_y_mm",
+        "extent_x_mm",
+        "axis_major_mm",
+        "axis_middle_mm",
+        "axis_minor_mm",
+        "elongation",
+        "flatness",
+        "fill_ratio",
+    )
+    coords = np.argwhere(mask)
+    if coords.size == 0:
+        return dict.fromkeys(names, 0.0)
+    volume_mm3 = len(coords) * float(np.prod(spacing))
+    extents = (coords.max(axis=0) - coords.min(axis=0) + 1) * spacing
+    points = coords[:: max(1, len(coords) // 50_000)] * spacing
+    eig = np.sort(np.linalg.eigvalsh(np.cov(points.T) if len(points) > 1 else np.zeros((3, 3))))[
+        ::-1
+    ]
+    # A solid ellipsoid with semi-axis a has variance a² / 5 along it; a single slice
+    # contributes its thickness as the third axis.
+    axes = 2.0 * np.sqrt(5.0 * np.clip(eig, 0.0, None))
+    axes = np.maximum(axes, spacing.min())
+    major, middle, minor = (float(a) for a in axes)
+    ellipsoid = math.pi / 6.0 * major * middle * minor
+    return dict(
+        zip(
+            names,
+            (
+                volume_mm3 / 1000.0,
+                *map(float, extents),
+                major,
+                middle,
+                minor,
+                middle / major if major else 0.0,
+                minor / major if major else 0.0,
+                min(volume_mm3 / ellipsoid, 10.0) if ellipsoid else 0.0,
+            ),
+            strict=True,
+        )
+    )
+
+
+def _segment_glcm(
+    hu: np.ndarray, mask: np.ndarray, spacing: np.ndarray, window: tuple[float, float], count: int
+) -> dict[str, float]:
+    areas = mask.sum(axis=(1, 2))
+    picks = [int(k) for k in np.argsort(areas)[::-1][:count] if areas[k] > 0]
+    images, masks = [], []
+    for k in picks:
+        rows, cols = np.nonzero(mask[k])
+        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+        size = (
+            max(2, round((box[1].stop - box[1].start) * spacing[2] / SEGMENT_GRID_MM)),
+            max(2, round((box[0].stop - box[0].start) * spacing[1] / SEGMENT_GRID_MM)),
+        )
+        image = cv2.resize(
+            np.clip(hu[k][box], *HU_RANGE).astype(np.float32),
+            size,
+            interpolation=cv2.INTER_AREA
+            if size[0] < box[1].stop - box[1].start
+            else cv2.INTER_LINEAR,
+        )
+        m = cv2.resize(mask[k][box].astype(np.float32), size, interpolation=cv2.INTER_LINEAR) > 0.5
+        images.append(image)
+        masks.append(m)
+    return glcm_features(images, masks, center=window[0], width=window[1], prefix="glcm")

@@ -1,0 +1,654 @@
+"""Which anatomical region a CT series shows, predicted from its pixels.
+
+A classical model: :func:`analysis.features.series_features` (intensity, shape, air,
+bone arrangement, GLCM texture; physical units) -> scikit-learn ``Pipeline``
+(``StandardScaler`` -> ``SelectKBest`` -> random forest or SVM). The top class is
+reported only when its probability reaches the threshold stored in the model card,
+else the label is :data:`OTHER`; that also covers what the model never saw (a neck,
+a leg, a whole body, a scout).
+
+A trained model is a directory: ``model.joblib`` (the pickled pipeline) and
+``card.json`` (the model card: labels, threshold, features, training data, metrics,
+scikit-learn version, the pickle's SHA-256). :meth:`RegionModel.load` validates the
+card, naming the field at fault, checks the pickle against it and refuses a model
+pickled by another scikit-learn minor version. Pickles run code when loaded: load only
+models you trust (the one shipped in ``analysis/models/region`` or your own).
+
+The DICOM header's ``BodyPartExamined`` can then be checked against a confident
+prediction with :func:`body_part_contradiction`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import sklearn
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.exceptions import InconsistentVersionWarning
+from sklearn.feature_selection import SelectKBest, f_classif, mutual_info_classif
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from analysis.features import SERIES_FEATURES, NoBodyError, feature_vector, series_features
+from analysis.types import ImageVolume
+
+REGIONS: tuple[str, ...] = ("head", "chest", "abdomen", "pelvis")
+OTHER = "other"
+CLASSIFIERS = ("rf", "svm")
+SCORE_FUNCTIONS = ("f_classif", "mutual_info")
+DEFAULT_THRESHOLD = 0.6
+DEFAULT_K = 20
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "region"
+MODEL_FILE = "model.joblib"
+CARD_FILE = "card.json"
+CARD_SCHEMA = "pacsnode.region-model-card/1"
+#: The slice normal must be within this of the patient's z axis: the features assume
+#: axial slices (45 degrees also admits any real gantry tilt).
+_MAX_OBLIQUITY_DEG = 45.0
+
+
+class ModelCardError(ValueError):
+    """The model card is missing a field or a field is invalid; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{CARD_FILE}: {field_name}: {message}")
+        self.field = field_name
+
+
+class ModelVersionError(RuntimeError):
+    """The model was pickled by a scikit-learn version this one cannot be trusted to load."""
+
+
+@dataclass(frozen=True)
+class RegionPrediction:
+    """A region prediction for one series.
+
+    Attributes
+    ----------
+    label
+        One of :data:`REGIONS`, or :data:`OTHER` when the top probability is below the
+        model's threshold or the series cannot be classified (see ``reason``).
+    probability
+        The top class's probability (0 when nothing could be computed).
+    probabilities
+        Every region's probability.
+    reason
+        Why the label is :data:`OTHER`, else None.
+    """
+
+    label: str
+    probability: float
+    probabilities: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+    @property
+    def confident(self) -> bool:
+        return self.label != OTHER
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def mutual_info_scores(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``mutual_info_classif`` with a fixed seed, so feature selection is reproducible."""
+    return mutual_info_classif(x, y, random_state=0)
+
+
+def build_pipeline(
+    classifier: str = "rf", *, k: int = DEFAULT_K, score_func: str = "f_classif", seed: int = 0
+) -> Pipeline:
+    """An unfitted ``StandardScaler -> SelectKBest -> classifier`` pipeline.
+
+    Parameters
+    ----------
+    classifier
+        ``"rf"``: a random forest (300 trees, balanced class weights); ``"svm"``: an RBF
+        SVC with Platt-scaled probabilities.
+    k
+        Features kept by ``SelectKBest`` (all of them if larger than their number).
+    score_func
+        ``"f_classif"`` (ANOVA F, fast, deterministic) or ``"mutual_info"``.
+    seed
+        Random state of the classifier.
+    """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if score_func not in SCORE_FUNCTIONS:
+        raise ValueError(
+            f"score_func must be one of {', '.join(SCORE_FUNCTIONS)}, got {score_func!r}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    score = f_classif if score_func == "f_classif" else mutual_info_scores
+    if classifier == "rf":
+        # n_jobs=1: workers run one series each; threads would only contend.
+        model: Any = RandomForestClassifier(
+            n_estimators=300,
+            min_samples_leaf=2,
+            class_weight="balanced",
+            random_state=seed,
+            n_jobs=1,
+        )
+    else:
+        model = SVC(
+            kernel="rbf",
+            C=3.0,
+            gamma="scale",
+            probability=True,
+            class_weight="balanced",
+            random_state=seed,
+        )
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("select", SelectKBest(score, k=min(k, len(SERIES_FEATURES)))),
+            ("classify", model),
+        ]
+    )
+
+
+# -------------------------------------------------------------------------------- model
+
+
+class RegionModel:
+    """A fitted pipeline with its model card.
+
+    Parameters
+    ----------
+    pipeline
+        Fitted; ``classes_`` must be the card's ``labels``.
+    card
+        A model card (see :func:`validate_card`).
+    """
+
+    def __init__(self, pipeline: Pipeline, card: Mapping[str, Any]) -> None:
+        self.card: dict[str, Any] = validate_card(card)
+        classes = [str(c) for c in getattr(pipeline, "classes_", [])]
+        if sorted(classes) != sorted(self.card["labels"]):
+            raise ModelCardError(
+                "labels", f"{self.card['labels']}, but the model predicts {classes}"
+            )
+        # scikit-learn orders classes alphabetically; the card lists them anatomically.
+        self._columns = [classes.index(label) for label in self.card["labels"]]
+        n_in = getattr(pipeline, "n_features_in_", None)
+        if n_in is not None and n_in != len(self.card["features"]["input"]):
+            raise ModelCardError(
+                "features.input",
+                f"{len(self.card['features']['input'])} features, but the model takes {n_in}",
+            )
+        self.pipeline = pipeline
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.card["labels"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.card["features"]["input"])
+
+    def predict(self, volume: ImageVolume, body: np.ndarray | None = None) -> RegionPrediction:
+        """Predict the region of a series.
+
+        Parameters
+        ----------
+        volume
+            The series in HU.
+        body
+            Its body mask (:func:`analysis.segment.segment_body`), if already computed.
+
+        Returns
+        -------
+        RegionPrediction
+            :data:`OTHER` with a reason for a series without a body or whose slices are
+            not axial (the features assume axial cross-sections).
+        """
+        obliquity = _obliquity_deg(volume.affine)
+        if obliquity > _MAX_OBLIQUITY_DEG:
+            return RegionPrediction(
+                OTHER, 0.0, {}, f"slices are {obliquity:.0f} degrees off axial; not classified"
+            )
+        try:
+            features = series_features(volume, body)
+        except NoBodyError as exc:
+            return RegionPrediction(OTHER, 0.0, {}, str(exc))
+        return self.predict_features(features)
+
+    def predict_features(self, features: Mapping[str, float]) -> RegionPrediction:
+        """Predict from features named as in the card's ``features.input``."""
+        row = feature_vector(features, self.feature_names)
+        return self._decide(self.probabilities(row[None, :])[0])
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities, ``(n, len(labels))`` in the order of :attr:`labels`, for
+        feature rows whose columns follow :attr:`feature_names`."""
+        probs = self.pipeline.predict_proba(np.asarray(rows, dtype=np.float64))
+        return np.asarray(probs, dtype=np.float64)[:, self._columns]
+
+    def _decide(self, probs: np.ndarray) -> RegionPrediction:
+        probabilities = {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
+        best = int(np.argmax(probs))
+        top = float(probs[best])
+        if top < self.threshold:
+            return RegionPrediction(
+                OTHER,
+                top,
+                probabilities,
+                f"top probability {top:.2f} ({self.labels[best]}) below {self.threshold:.2f}",
+            )
+        return RegionPrediction(self.labels[best], top, probabilities)
+
+    # ------------------------------------------------------------------------ storage
+
+    def save(self, directory: Path | str) -> Path:
+        """Write ``model.joblib`` and ``card.json`` (with the pickle's SHA-256) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model_path = directory / MODEL_FILE
+        joblib.dump(self.pipeline, model_path, compress=3)
+        self.card["model_file"] = MODEL_FILE
+        self.card["model_sha256"] = _sha256(model_path)
+        self.card["sklearn_version"] = sklearn.__version__
+        validate_card(self.card)
+        text = json.dumps(self.card, indent=2, sort_keys=False) + "\n"
+        (directory / CARD_FILE).write_text(text, encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path | str, *, allow_version_mismatch: bool = False) -> RegionModel:
+        """Load a saved model, validating its card and its pickle.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``card.json`` or ``model.joblib`` is missing.
+        ModelCardError
+            The card is invalid (the error names the field) or does not match the pickle.
+        ModelVersionError
+            The pickle comes from another scikit-learn major or minor version (unless
+            ``allow_version_mismatch``; a different patch release only warns).
+        """
+        directory = Path(directory)
+        card_path = directory / CARD_FILE
+        if not card_path.is_file():
+            raise FileNotFoundError(f"no {CARD_FILE} in {directory}")
+        try:
+            raw = json.loads(card_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ModelCardError("(file)", f"not valid JSON: {exc}") from exc
+        card = validate_card(raw)
+        model_path = directory / card["model_file"]
+        if not model_path.is_file():
+            raise FileNotFoundError(
+                f"no {card['model_file']} in {directory} (named by the card's model_file)"
+            )
+        if _sha256(model_path) != card["model_sha256"]:
+            raise ModelCardError(
+                "model_sha256", f"does not match {model_path.name}: the model file was changed"
+            )
+        check_sklearn_version(card["sklearn_version"], allow_mismatch=allow_version_mismatch)
+        with warnings.catch_warnings():
+            # Already checked above, with a clearer message.
+            warnings.simplefilter("ignore", category=InconsistentVersionWarning)
+            pipeline = joblib.load(model_path)
+        return cls(pipeline, card)
+
+
+def check_sklearn_version(trained_with: str, *, allow_mismatch: bool = False) -> None:
+    """Refuse another major.minor scikit-learn version than ``trained_with``; warn on a patch.
+
+    Raises
+    ------
+    ModelVersionError
+        Unless ``allow_mismatch`` (then it warns).
+    """
+    running = sklearn.__version__
+    if trained_with == running:
+        return
+    message = f"the region model was trained with scikit-learn {trained_with}, this is {running}"
+    if _minor(trained_with) != _minor(running):
+        if not allow_mismatch:
+            raise ModelVersionError(
+                f"{message}: pickles are not portable across minor versions. Retrain it "
+                "(python -m analysis.train_region --out DIR) or install "
+                f"scikit-learn=={trained_with}"
+            )
+        warnings.warn(f"{message}; loading anyway as asked", RuntimeWarning, stacklevel=3)
+    else:
+        warnings.warn(
+            f"{message} (same minor version; should load fine)", RuntimeWarning, stacklevel=3
+        )
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _obliquity_deg(affine: np.ndarray) -> float:
+    """Angle between the slice normal (cross of the in-plane axes) and the patient's z."""
+    normal = np.cross(affine[:3, 1], affine[:3, 2])
+    norm = float(np.linalg.norm(normal))
+    if norm == 0:
+        return 90.0
+    return math.degrees(math.acos(min(1.0, abs(float(normal[2])) / norm)))
+
+
+_CACHE: dict[str, tuple[int, RegionModel]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_region_model(directory: Path | str | None = None) -> RegionModel:
+    """The model in ``directory`` (default: the shipped one), loaded once per process.
+
+    A job worker calls this for every series and gets the same object; the model is
+    loaded again only if its ``model.joblib`` changed on disk (retrained in place).
+    """
+    directory = Path(directory) if directory is not None else DEFAULT_MODEL_DIR
+    key = str(directory.resolve())
+    model_path = directory / MODEL_FILE
+    stamp = model_path.stat().st_mtime_ns if model_path.exists() else 0
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is None or cached[0] != stamp:
+            _CACHE[key] = (stamp, RegionModel.load(directory))
+        return _CACHE[key][1]
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def validate_card(card: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a model card's fields; return it as a plain dict.
+
+    Raises
+    ------
+    ModelCardError
+        Naming the first missing or invalid field (dotted for nested ones).
+    """
+    if not isinstance(card, Mapping):
+        raise ModelCardError("(card)", f"must be a JSON object, got {type(card).__name__}")
+    c = dict(card)
+    _expect(c, "schema", str)
+    if c["schema"] != CARD_SCHEMA:
+        raise ModelCardError("schema", f"must be {CARD_SCHEMA!r}, got {c['schema']!r}")
+    _expect(c, "name", str)
+    _expect(c, "version", str)
+    if not re.fullmatch(r"\d+\.\d+\.\d+", c["version"]):
+        raise ModelCardError("version", f"must be MAJOR.MINOR.PATCH, got {c['version']!r}")
+    _expect(c, "task", str)
+    if c["task"] != "region":
+        raise ModelCardError("task", f"must be 'region', got {c['task']!r}")
+    labels = _expect(c, "labels", list)
+    if (
+        not labels
+        or not all(isinstance(x, str) and x for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise ModelCardError("labels", f"must be distinct non-empty strings, got {labels!r}")
+    unknown = [x for x in labels if x not in REGIONS]
+    if unknown:
+        raise ModelCardError(
+            "labels", f"contains unknown regions {unknown}; known: {list(REGIONS)}"
+        )
+    threshold = _expect(c, "threshold", (int, float))
+    if isinstance(threshold, bool) or not 0.0 < float(threshold) <= 1.0:
+        raise ModelCardError("threshold", f"must be a number in (0, 1], got {threshold!r}")
+    clf = _expect(c, "classifier", dict)
+    if clf.get("kind") not in CLASSIFIERS:
+        raise ModelCardError(
+            "classifier.kind", f"must be one of {list(CLASSIFIERS)}, got {clf.get('kind')!r}"
+        )
+    selection = _expect(c, "feature_selection", dict)
+    if selection.get("score_func") not in SCORE_FUNCTIONS:
+        raise ModelCardError(
+            "feature_selection.score_func",
+            f"must be one of {list(SCORE_FUNCTIONS)}, got {selection.get('score_func')!r}",
+        )
+    k = selection.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ModelCardError("feature_selection.k", f"must be a positive integer, got {k!r}")
+    _validate_features(_expect(c, "features", dict), k)
+    _expect(c, "training_data", dict)
+    _validate_metrics(_expect(c, "metrics", dict), labels)
+    _expect(c, "sklearn_version", str)
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)?\S*", c["sklearn_version"]):
+        raise ModelCardError("sklearn_version", f"not a version: {c['sklearn_version']!r}")
+    _expect(c, "model_file", str)
+    if Path(c["model_file"]).name != c["model_file"]:
+        raise ModelCardError(
+            "model_file", f"must be a file name in the model directory, got {c['model_file']!r}"
+        )
+    _expect(c, "model_sha256", str)
+    if not re.fullmatch(r"[0-9a-f]{64}", c["model_sha256"]):
+        raise ModelCardError("model_sha256", "must be 64 lowercase hex digits")
+    return c
+
+
+def _expect(
+    card: Mapping[str, Any], name: str, kind: type | tuple[type, ...], prefix: str = ""
+) -> Any:
+    full = f"{prefix}{name}"
+    if name not in card:
+        raise ModelCardError(full, "missing")
+    value = card[name]
+    if not isinstance(value, kind):
+        names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ModelCardError(full, f"must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _validate_features(features: Mapping[str, Any], k: int) -> None:
+    inputs = _expect(features, "input", list, "features.")
+    unknown = [n for n in inputs if n not in SERIES_FEATURES]
+    if unknown:
+        raise ModelCardError(
+            "features.input",
+            f"names features this version does not compute: {unknown[:5]} (retrain the model)",
+        )
+    selected = _expect(features, "selected", list, "features.")
+    if not set(selected) <= set(inputs):
+        raise ModelCardError("features.selected", "must be a subset of features.input")
+    if len(selected) != min(k, len(inputs)):
+        raise ModelCardError(
+            "features.selected", f"has {len(selected)} names, feature_selection.k is {k}"
+        )
+
+
+def _validate_metrics(metrics: Mapping[str, Any], labels: Sequence[str]) -> None:
+    for name in ("cv_accuracy", "held_back_accuracy"):
+        value = _expect(metrics, name, (int, float), "metrics.")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ModelCardError(f"metrics.{name}", f"must be in [0, 1], got {value!r}")
+    confusion = _expect(metrics, "held_back_confusion", dict, "metrics.")
+    if confusion.get("labels") != list(labels):
+        raise ModelCardError("metrics.held_back_confusion.labels", "must equal the card's labels")
+    matrix = confusion.get("matrix")
+    n = len(labels)
+    if not (
+        isinstance(matrix, list)
+        and len(matrix) == n
+        and all(
+            isinstance(r, list) and len(r) == n and all(isinstance(v, int) and v >= 0 for v in r)
+            for r in matrix
+        )
+    ):
+        raise ModelCardError(
+            "metrics.held_back_confusion.matrix", f"must be {n}x{n} non-negative integers"
+        )
+
+
+# ------------------------------------------------------------------- BodyPartExamined
+
+#: BodyPartExamined defined terms (DICOM PS3.16 Annex L and common scanner values,
+#: normalised: upper case, no spaces, underscores or hyphens) -> regions they admit.
+_BODY_PARTS: dict[str, frozenset[str]] = {}
+
+
+def _admit(regions: str, *terms: str) -> None:
+    for term in terms:
+        _BODY_PARTS[term] = frozenset(regions.split())
+
+
+_admit(
+    "head",
+    "HEAD",
+    "BRAIN",
+    "SKULL",
+    "CEREBRUM",
+    "CEREBELLUM",
+    "FACE",
+    "ORBIT",
+    "EYE",
+    "SINUS",
+    "PARANASALSINUS",
+    "NOSE",
+    "EAR",
+    "IAC",
+    "TEMPORALBONE",
+    "PETROUSBONE",
+    "MASTOID",
+    "JAW",
+    "MANDIBLE",
+    "MAXILLA",
+    "TMJ",
+    "PITUITARY",
+    "SELLA",
+)
+_admit("head chest", "HEADNECK", "NECK", "CSPINE", "CERVICALSPINE", "THYROID", "LARYNX", "PHARYNX")
+_admit(
+    "chest",
+    "CHEST",
+    "THORAX",
+    "LUNG",
+    "LUNGS",
+    "HEART",
+    "CARDIAC",
+    "CORONARY",
+    "BREAST",
+    "STERNUM",
+    "RIB",
+    "RIBS",
+    "MEDIASTINUM",
+    "ESOPHAGUS",
+    "TSPINE",
+    "THORACICSPINE",
+    "SHOULDER",
+    "CLAVICLE",
+    "SCAPULA",
+    "AORTICARCH",
+    "THORACICAORTA",
+)
+_admit("chest abdomen", "CHESTABDOMEN", "CHESTABD", "THORAXABDOMEN", "TLSPINE", "AORTA")
+_admit(
+    "abdomen",
+    "ABDOMEN",
+    "ABD",
+    "LIVER",
+    "PANCREAS",
+    "SPLEEN",
+    "KIDNEY",
+    "KIDNEYS",
+    "STOMACH",
+    "GALLBLADDER",
+    "ADRENAL",
+    "LSPINE",
+    "LUMBARSPINE",
+    "ABDOMINALAORTA",
+    "BOWEL",
+    "SMALLBOWEL",
+)
+_admit(
+    "abdomen pelvis", "ABDOMENPELVIS", "ABDPELVIS", "ABDPELV", "COLON", "URINARYTRACT", "LSSPINE"
+)
+_admit(
+    "pelvis",
+    "PELVIS",
+    "HIP",
+    "HIPS",
+    "BLADDER",
+    "PROSTATE",
+    "UTERUS",
+    "OVARY",
+    "RECTUM",
+    "SACRUM",
+    "SSPINE",
+    "COCCYX",
+    "SIJOINT",
+    "GROIN",
+    "FEMUR",
+)
+_admit("chest abdomen pelvis", "CHESTABDPELVIS", "CHESTABDOMENPELVIS", "CAP", "TRUNK")
+#: Terms that say nothing about a single region.
+_UNINFORMATIVE = {
+    "WHOLEBODY",
+    "BODY",
+    "SPINE",
+    "EXTREMITY",
+    "UNKNOWN",
+    "OTHER",
+    "PHANTOM",
+    "ENTIREBODY",
+}
+
+
+def body_part_regions(body_part_examined: str | None) -> frozenset[str] | None:
+    """The regions a BodyPartExamined value admits; None when unknown or uninformative."""
+    if not body_part_examined:
+        return None
+    term = re.sub(r"[\s_\-/\\]+", "", str(body_part_examined)).upper()
+    if term in _UNINFORMATIVE:
+        return None
+    return _BODY_PARTS.get(term)
+
+
+def body_part_contradiction(
+    body_part_examined: str | None, prediction: RegionPrediction
+) -> str | None:
+    """A human-readable flag when the header's BodyPartExamined contradicts the pixels.
+
+    Parameters
+    ----------
+    body_part_examined
+        The DICOM value (e.g. ``"CHEST"``, ``"THORAX"``, ``"HEAD"``, ``"BRAIN"``,
+        ``"ABDOMEN"``, ``"PELVIS"``, ``"LUNG"``, ``"SKULL"``, ``"ABDOMENPELVIS"``).
+    prediction
+        The model's prediction for the series.
+
+    Returns
+    -------
+    str or None
+        The flag; None when they agree, when the prediction is not confident (``other``)
+        or when the value is empty, unknown or covers several regions at once
+        (``WHOLEBODY``).
+    """
+    admitted = body_part_regions(body_part_examined)
+    if admitted is None or not prediction.confident or prediction.label in admitted:
+        return None
+    expected = "/".join(r for r in REGIONS if r in admitted)
+    return (
+        f"BodyPartExamined {str(body_part_examined).strip()!r} ({expected}) contradicts the "
+        f"images, which look like {prediction.label} (probability {prediction.probability:.2f})"
+    )
