@@ -14,7 +14,7 @@ the source grid) and ``measurements``; ``notes`` (list of str) is optional.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from analysis import filters, intensity, segment
 from analysis.measure import measure_segment
 from analysis.types import (
     BODY,
+    DEFAULT_FINAL_MASK,
     LUNG_LEFT,
     LUNG_RIGHT,
     ImageVolume,
@@ -79,15 +80,23 @@ class Pipeline:
     name: str
     steps: tuple[Step, ...]
     algorithm_family: str = "MorphologicalOperations"
+    #: Steps take a ``model`` input: the node loads it (once per worker process).
+    uses_model: bool = False
 
-    def run(self, volume: ImageVolume) -> PipelineResult:
-        """Run every step on ``volume``; the result holds masks, measurements and timings."""
+    def run(self, volume: ImageVolume, context: Mapping[str, Any] | None = None) -> PipelineResult:
+        """Run every step on ``volume``; the result holds masks, measurements and timings.
+
+        ``context`` adds named inputs for the steps (a loaded model, which segmenter
+        provides each final mask, ...).
+        """
         values: dict[str, Any] = {
             "volume": volume,
             "hu": volume.hu,
             "spacing_mm": tuple(float(s) for s in volume.spacing_mm),
             "affine": np.asarray(volume.affine, dtype=np.float64),
             "notes": [],
+            **DEFAULT_CONTEXT,
+            **(context or {}),
         }
         timings: dict[str, float] = {}
         for step in self.steps:
@@ -110,6 +119,9 @@ class Pipeline:
             measurements=values["measurements"],
             timings_s=timings,
             notes=list(values["notes"]),
+            agreement=dict(values.get("agreement", {})),
+            mask_sources=dict(values.get("mask_sources", {})),
+            candidates=dict(values.get("candidates", {})),
         )
 
     def _outputs(self, step: Step, produced: Any) -> dict[str, Any]:
@@ -213,8 +225,8 @@ def _back_steps() -> tuple[Step, ...]:
     )
 
 
-def ct_body_lungs() -> Pipeline:
-    """Body, left lung and right lung of a CT volume."""
+def ct_body_lungs_classical() -> Pipeline:
+    """Body, left lung and right lung of a CT volume: thresholds, morphology, components."""
     segment_lungs = Step(
         "segment_lungs",
         segment.segment_lungs,
@@ -227,7 +239,100 @@ def ct_body_lungs() -> Pipeline:
         ("work_body", "work_lung_left", "work_lung_right"),
         ("work_masks",),
     )
-    return Pipeline("ct-body-lungs", (*_front_steps(), segment_lungs, collect, *_back_steps()))
+    return Pipeline("ct-body-lungs-classical",
+                    (*_front_steps(), segment_lungs, collect, *_back_steps()))
+
+
+def _classical_masks(volume: ImageVolume) -> dict[str, np.ndarray]:
+    return ct_body_lungs_classical().run(volume).masks
+
+
+def _segment_cnn(
+    volume: ImageVolume, model: Any, batch_size: int, notes: list[str]
+) -> tuple[dict[str, np.ndarray] | None, list[str]]:
+    """The CNN's masks, or ``None`` (with a note) where it cannot run on this volume."""
+    from analysis.cnn import SegmentationModel
+    from analysis.slice_grid import NotAxialError
+
+    model = model if model is not None else SegmentationModel.shipped()
+    try:
+        masks = model.predict(volume, batch_size=batch_size)
+    except NotAxialError as exc:
+        return None, notes + [f"CNN not used: {exc}"]
+    for label in (LUNG_LEFT, LUNG_RIGHT):
+        if label in masks:
+            masks[label] = drop_specks(masks[label], volume.voxel_volume_ml, MIN_LUNG_PART_ML)
+    return masks, notes
+
+
+#: Lung pieces the CNN finds below this volume are dropped: a real lung base in the
+#: top slices of an abdomen is larger, while specks in a head or in bowel gas are not.
+MIN_LUNG_PART_ML = 5.0
+
+
+def drop_specks(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """``mask`` without its 3D connected components smaller than ``min_ml``."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return mask
+    labelled, count = ndimage.label(mask)
+    sizes = np.bincount(labelled.ravel(), minlength=count + 1) * voxel_ml
+    keep = sizes >= min_ml
+    keep[0] = False
+    return keep[labelled]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two masks; two empty masks agree fully."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _combine(
+    classical: dict[str, np.ndarray], cnn: dict[str, np.ndarray] | None,
+    final_mask: Mapping[str, str],
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, str], dict[str, Any]]:
+    """Per structure, the configured segmenter's mask; their agreement as a QA figure."""
+    masks, agreement, sources = {}, {}, {}
+    for label, mask in classical.items():
+        other = cnn.get(label) if cnn is not None else None
+        source = final_mask.get(label, "classical") if other is not None else "classical"
+        masks[label] = other if source == "cnn" else mask
+        sources[label] = source
+        if other is not None:
+            agreement[label] = dice(other, mask)
+    candidates = {"classical": classical, **({"cnn": cnn} if cnn is not None else {})}
+    return masks, agreement, sources, candidates
+
+
+def ct_body_lungs() -> Pipeline:
+    """Body and lungs by both the CNN and the classical steps; per structure, the
+    configured one (``final_mask``) is final and their Dice agreement is reported."""
+    return Pipeline("ct-body-lungs", (
+        Step("classical", _classical_masks, ("volume",), ("classical_masks",)),
+        Step("cnn", _segment_cnn, ("volume", "model", "batch_size", "notes"),
+             ("cnn_masks", "notes")),
+        Step("combine", _combine, ("classical_masks", "cnn_masks", "final_mask"),
+             ("masks", "agreement", "mask_sources", "candidates")),
+        Step("measure", _measure, ("masks", "hu", "spacing_mm"), ("measurements",)),
+        Step("notes", _notes, ("masks", "notes"), ("notes",)),
+    ), algorithm_family="ArtificialIntelligence", uses_model=True)
+
+
+def cnn_only() -> Pipeline:
+    """The route's model alone (a user's own, or the shipped one): its labels, measured."""
+    def segment(volume: ImageVolume, model: Any, batch_size: int) -> dict[str, np.ndarray]:
+        from analysis.cnn import SegmentationModel
+
+        model = model if model is not None else SegmentationModel.shipped()
+        return model.predict(volume, batch_size=batch_size)
+
+    return Pipeline("cnn", (
+        Step("segment_cnn", segment, ("volume", "model", "batch_size"), ("masks",)),
+        Step("measure", _measure, ("masks", "hu", "spacing_mm"), ("measurements",)),
+        Step("notes", _notes, ("masks", "notes"), ("notes",)),
+    ), algorithm_family="ArtificialIntelligence", uses_model=True)
 
 
 def ct_body() -> Pipeline:
@@ -237,4 +342,13 @@ def ct_body() -> Pipeline:
 
 
 register_pipeline(ct_body_lungs())
+register_pipeline(ct_body_lungs_classical())
 register_pipeline(ct_body())
+register_pipeline(cnn_only())
+
+#: Inputs the node passes in every run's context; these defaults serve direct callers.
+DEFAULT_CONTEXT: dict[str, Any] = {
+    "model": None,  # the shipped model
+    "batch_size": 16,
+    "final_mask": DEFAULT_FINAL_MASK,
+}

@@ -16,6 +16,10 @@ BODY = "body"
 LUNG_LEFT = "lung_left"
 LUNG_RIGHT = "lung_right"
 
+#: Which segmenter provides each final mask of ``ct-body-lungs`` unless configured
+#: otherwise: the one that measured better on the evaluation set (docs/models.md).
+DEFAULT_FINAL_MASK: dict[str, str] = {BODY: "classical", LUNG_LEFT: "cnn", LUNG_RIGHT: "cnn"}
+
 
 @dataclass(frozen=True)
 class ImageVolume:
@@ -77,3 +81,9 @@ class PipelineResult:
     measurements: list[SegmentMeasurement]
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Per label, the Dice agreement between the CNN's and the classical mask (QA).
+    agreement: dict[str, float] = field(default_factory=dict)
+    #: Per label, which segmenter provided the final mask ("cnn" or "classical").
+    mask_sources: dict[str, str] = field(default_factory=dict)
+    #: Per segmenter, its masks before the choice (for evaluation).
+    candidates: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)

@@ -12,17 +12,20 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from analysis.types import PipelineResult
+from analysis.types import ImageVolume, PipelineResult
 from node import __version__
 from node.config import Settings
+
+if TYPE_CHECKING:
+    from analysis.region import RegionPrediction
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class SeriesOutcome:
     sr: Dataset | None = None
     preview: np.ndarray | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    region: RegionPrediction | None = None
+    flag: str | None = None  # BodyPartExamined contradicts the pixels
 
 
 @contextmanager
@@ -60,11 +65,68 @@ def _is_localizer(ds: Dataset) -> bool:
     return "LOCALIZER" in {str(v).upper() for v in ds.get("ImageType", []) or []}
 
 
+@dataclass
+class LoadedSeries:
+    """A series' images (localizers left out) and the volume built from them."""
+
+    images: list[Dataset]
+    volume: ImageVolume
+    order: list[int]  # volume slice k comes from images[order[k]]
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.images[0].SeriesInstanceUID)
+
+    @property
+    def body_part(self) -> str:
+        return str(self.images[0].get("BodyPartExamined", "") or "")
+
+
+def load_series(datasets: Sequence[Dataset], timings: dict[str, float]) -> LoadedSeries:
+    """The volume of a series, or :class:`AnalysisRefused` with the reason."""
+    from analysis.volume import VolumeError, volume_from_datasets
+
+    images = [ds for ds in datasets if not _is_localizer(ds)]
+    if not images:
+        raise AnalysisRefused("only localizer (scout) images in this series")
+    with timed(timings, "volume"):
+        try:
+            volume, order = volume_from_datasets(images)
+        except VolumeError as exc:
+            raise AnalysisRefused(f"cannot build a volume: {exc}") from None
+    return LoadedSeries(images, volume, order)
+
+
+def predict_region(loaded: LoadedSeries, timings: dict[str, float]) -> RegionPrediction | None:
+    """The region classifier's reading of the pixels; ``None`` if it cannot say."""
+    from analysis.region import load_region_model
+
+    with timed(timings, "region"):
+        try:
+            return load_region_model().predict(loaded.volume)
+        except Exception:  # the region is an aid: its failure must not fail the series
+            log.exception("region prediction failed for series %s", loaded.series_instance_uid)
+            return None
+
+
+def region_flag(loaded: LoadedSeries, region: RegionPrediction | None) -> str | None:
+    """A note when BodyPartExamined contradicts what the pixels look like."""
+    from analysis.region import body_part_contradiction
+
+    if region is None:
+        return None
+    return body_part_contradiction(loaded.body_part, region)
+
+
 def analyze_series(
     datasets: Sequence[Dataset], pipeline_name: str, settings: Settings,
-    timings: dict[str, float] | None = None,
+    timings: dict[str, float] | None = None, *, loaded: LoadedSeries | None = None,
+    region: RegionPrediction | None = None, model: str | None = None,
 ) -> SeriesOutcome:
     """Run ``pipeline_name`` on one series and encode its results.
+
+    ``loaded`` and ``region`` may come from a caller that needed them to route the
+    series; ``model`` names a configured model for pipelines that use one.
 
     Raises
     ------
@@ -73,30 +135,48 @@ def analyze_series(
     """
     from analysis.pipeline import get_pipeline
     from analysis.preview import render_overlay
-    from analysis.volume import VolumeError, volume_from_datasets
-    from node import results
 
     timings = {} if timings is None else timings
-    images = [ds for ds in datasets if not _is_localizer(ds)]
-    if not images:
-        raise AnalysisRefused("only localizer (scout) images in this series")
-    series_uid = str(images[0].SeriesInstanceUID)
+    loaded = loaded or load_series(datasets, timings)
+    if region is None:
+        region = predict_region(loaded, timings)
     pipeline = get_pipeline(pipeline_name)
-    with timed(timings, "volume"):
-        try:
-            volume, order = volume_from_datasets(images)
-        except VolumeError as exc:
-            raise AnalysisRefused(f"cannot build a volume: {exc}") from None
-    result = pipeline.run(volume)
+    context = pipeline_context(pipeline, settings, model)
+    result = pipeline.run(loaded.volume, context)
     timings.update({f"step.{name}": s for name, s in result.timings_s.items()})
     if not any(mask.any() for mask in result.masks.values()):
         raise AnalysisRefused(f"pipeline {pipeline_name} found none of "
                               f"{', '.join(result.masks)} in this series")
-    algorithm = results.AlgorithmInfo(name=f"pacsnode {pipeline_name}", version=__version__,
+    seg, sr = _encode(loaded, result, pipeline, settings, region, timings)
+    with timed(timings, "preview"):
+        preview = render_overlay(loaded.volume, result.masks)
+    outcome = SeriesOutcome(loaded.series_instance_uid, "done", pipeline=pipeline_name,
+                            result=result, seg=seg, sr=sr, preview=preview, timings_s=timings,
+                            region=region, flag=region_flag(loaded, region))
+    if outcome.flag:
+        log.warning("series %s: %s", loaded.series_instance_uid, outcome.flag)
+    return outcome
+
+
+def pipeline_context(pipeline: Any, settings: Settings, model: str | None) -> dict[str, Any]:
+    """Inputs a pipeline's steps need beyond the volume (models, choices)."""
+    from node import models
+
+    return models.pipeline_context(pipeline, settings, model)
+
+
+def _encode(
+    loaded: LoadedSeries, result: PipelineResult, pipeline: Any, settings: Settings,
+    region: RegionPrediction | None, timings: dict[str, float],
+) -> tuple[Dataset, Dataset]:
+    from node import models, results
+
+    algorithm = results.AlgorithmInfo(name=f"pacsnode {pipeline.name}", version=__version__,
                                       family=results.AlgorithmFamily(pipeline.algorithm_family))
     identity = results.EncoderIdentity.for_node(settings.node.ae_title)
+    finding, classifier = models.region_finding(region)
     with timed(timings, "encode_seg"):
-        sources = results.prepare_sources([images[i] for i in order])
+        sources = results.prepare_sources([loaded.images[i] for i in loaded.order])
         seg = results.build_segmentation(
             sources, result.masks, algorithm=algorithm, identity=identity,
             series_number=settings.results.seg_series_number,
@@ -107,11 +187,9 @@ def analyze_series(
             seg, sources, result.measurements, algorithm=algorithm, identity=identity,
             series_number=settings.results.sr_series_number,
             series_description=settings.results.sr_series_description,
+            agreement=result.agreement or None, region=finding, region_algorithm=classifier,
         )
-    with timed(timings, "preview"):
-        preview = render_overlay(volume, result.masks)
-    return SeriesOutcome(series_uid, "done", pipeline=pipeline_name, result=result,
-                         seg=seg, sr=sr, preview=preview, timings_s=timings)
+    return seg, sr
 
 
 def dataset_bytes(ds: Dataset) -> bytes:
@@ -132,13 +210,23 @@ def png_bytes(image: np.ndarray) -> bytes:
 def segment_summary(outcome: SeriesOutcome) -> list[dict[str, Any]]:
     if outcome.result is None:
         return []
+    agreement, sources = outcome.result.agreement, outcome.result.mask_sources
     return [
         {"label": m.label, "voxels": m.voxels, "volume_ml": round(m.volume_ml, 2),
          "mean_hu": round(m.mean_hu, 1), "std_hu": round(m.std_hu, 1),
          "surface_area_mm2": round(m.surface_area_mm2, 1),
-         "max_diameter_mm": round(m.max_diameter_mm, 1)}
+         "max_diameter_mm": round(m.max_diameter_mm, 1),
+         "dice_vs_classical": (round(agreement[m.label], 4) if m.label in agreement else None),
+         "mask_from": sources.get(m.label)}
         for m in outcome.result.measurements
     ]
+
+
+def region_summary(region: RegionPrediction | None) -> dict[str, Any] | None:
+    if region is None:
+        return None
+    return {"label": region.label, "probability": round(region.probability, 4),
+            "probabilities": {k: round(v, 4) for k, v in region.probabilities.items()}}
 
 
 # -- in a worker process --------------------------------------------------------------
@@ -185,11 +273,24 @@ def init_worker(config: dict[str, Any], child: bool = True) -> None:
 
 
 def warm_up() -> None:
-    """Import what jobs need, so the first job does not pay for it."""
-    import analysis.pipeline  # noqa: F401
+    """Import and load what jobs need (TensorFlow and the models take seconds), so the
+    first job does not pay for it."""
     import analysis.preview  # noqa: F401
     import analysis.volume  # noqa: F401
     import node.results  # noqa: F401
+    from analysis.pipeline import get_pipeline
+    from analysis.region import load_region_model
+    from node.models import segmentation_model
+
+    assert _worker is not None
+    settings = _worker.settings
+    load_region_model()
+    for route in settings.routes:
+        try:
+            if get_pipeline(route.pipeline).uses_model:
+                segmentation_model(settings, route.model)
+        except Exception:  # the job itself will report what is wrong
+            log.exception("could not load the model of route %s ahead of time", route.name)
 
 
 def _store_outputs(store: Any, job_id: int, study_uid: str, outcome: SeriesOutcome,
@@ -213,8 +314,40 @@ def _store_outputs(store: Any, job_id: int, study_uid: str, outcome: SeriesOutco
     return rows
 
 
+def _route_named(settings: Settings, spec: Any) -> Any:
+    """The route the job was queued under (for its model), if it is still configured."""
+    return next((r for r in settings.routes if r.name == spec.route), None) or \
+        _AnyRoute(spec.pipeline)
+
+
+@dataclass(frozen=True)
+class _AnyRoute:
+    pipeline: str
+    model: str | None = None
+
+
+def _route_by_region(engine: Any, settings: Settings, spec: Any, loaded: LoadedSeries,
+                     region: RegionPrediction | None) -> Any:
+    """Finish routing a series whose route depends on its predicted region."""
+    from db.models import JobStatus
+    from node.jobs import finish_job, set_route
+    from node.routing import choose_route, facts_from_datasets
+
+    facts = facts_from_datasets(loaded.series_instance_uid, loaded.images, spec.calling_aes)
+    facts = replace(facts, predicted_region=region.label if region else "other")
+    decision = choose_route(facts, settings.routes)
+    destinations = settings.route_destinations(decision.route) if decision.route else []
+    with engine.begin() as conn:
+        set_route(conn, spec.job_id, decision, destinations)
+        if decision.route is None:
+            finish_job(conn, spec.job_id, JobStatus.SKIPPED, decision.reason, {})
+    log.info("series %s (predicted region %s): %s", loaded.series_instance_uid,
+             facts.predicted_region, decision.reason)
+    return decision.route
+
+
 def _record_done(engine: Any, job_id: int, destinations: list[str],
-                 rows: list[dict[str, Any]], timings: dict[str, float]) -> None:
+                 rows: list[dict[str, Any]], timings: dict[str, float], note: str) -> None:
     from db.models import Delivery, DeliveryStatus, JobStatus, Result, utcnow
     from node.jobs import finish_job
 
@@ -231,7 +364,7 @@ def _record_done(engine: Any, job_id: int, destinations: list[str],
                     result_fk=result_id, destination=name,
                     status=DeliveryStatus.PENDING.value, attempts=0, last_error="",
                     created_at=now, next_attempt_at=now))
-        finish_job(conn, job_id, JobStatus.DONE, "", timings, now)
+        finish_job(conn, job_id, JobStatus.DONE, note, timings, now)
 
 
 def run_job(job_id: int) -> None:
@@ -246,11 +379,22 @@ def run_job(job_id: int) -> None:
     try:
         with timed(timings, "read"):
             datasets = [pydicom.dcmread(path) for path in spec.files]
-        outcome = analyze_series(datasets, spec.pipeline, settings, timings)
+        loaded = load_series(datasets, timings)
+        region = predict_region(loaded, timings)
+        pipeline, model, destinations = spec.pipeline, None, spec.destinations
+        route = _route_by_region(engine, settings, spec, loaded, region) if not pipeline \
+            else _route_named(settings, spec)
+        if route is None:
+            return  # skipped: recorded by _route_by_region
+        if not pipeline:
+            pipeline, destinations = route.pipeline, settings.route_destinations(route)
+        model = route.model if route is not None else None
+        outcome = analyze_series(datasets, pipeline, settings, timings, loaded=loaded,
+                                 region=region, model=model)
         with timed(timings, "store"):
             rows = _store_outputs(_worker.store, job_id, spec.study_instance_uid, outcome)
         timings["total"] = time.perf_counter() - started
-        _record_done(engine, job_id, spec.destinations, rows, timings)
+        _record_done(engine, job_id, destinations, rows, timings, outcome.flag or "")
         log.info("job %s: series %s analysed in %.2f s", job_id,
                  spec.series_instance_uid, timings["total"])
     except AnalysisRefused as exc:
@@ -286,24 +430,34 @@ def _offline_outcome(uid: str, datasets: list[Dataset], settings: Settings,
     from node.routing import choose_route, facts_from_datasets, never_analysed
 
     facts = facts_from_datasets(uid, datasets)
-    if forced_pipeline is not None:
-        route_name, pipeline, reason = None, forced_pipeline, never_analysed(facts)
-    else:
-        decision = choose_route(facts, settings.routes)
-        route_name = decision.route.name if decision.route else None
-        pipeline = decision.route.pipeline if decision.route else None
-        reason = decision.reason if decision.skipped else None
-    if reason is not None or pipeline is None:
-        return SeriesOutcome(uid, "skipped", reason or "no pipeline")
+    timings: dict[str, float] = {}
+    loaded, region, route = None, None, None
+    pipeline = forced_pipeline
     try:
-        outcome = analyze_series(datasets, pipeline, settings)
+        if pipeline is not None:
+            if reason := never_analysed(facts):
+                return SeriesOutcome(uid, "skipped", reason)
+        else:
+            decision = choose_route(facts, settings.routes)
+            if decision.pending:  # the route depends on what the pixels look like
+                loaded = load_series(datasets, timings)
+                region = predict_region(loaded, timings)
+                decision = choose_route(
+                    replace(facts, predicted_region=region.label if region else "other"),
+                    settings.routes)
+            if decision.route is None:
+                return SeriesOutcome(uid, "skipped", decision.reason, region=region)
+            route, pipeline = decision.route, decision.route.pipeline
+        outcome = analyze_series(datasets, pipeline, settings, timings, loaded=loaded,
+                                 region=region, model=route.model if route else None)
     except AnalysisRefused as exc:
-        return SeriesOutcome(uid, "failed", str(exc), route_name, pipeline)
+        return SeriesOutcome(uid, "failed", str(exc), route.name if route else None,
+                             pipeline, region=region)
     except Exception as exc:
         log.exception("series %s failed", uid)
-        return SeriesOutcome(uid, "failed", f"{type(exc).__name__}: {exc}", route_name,
-                             pipeline)
-    outcome.route = route_name
+        return SeriesOutcome(uid, "failed", f"{type(exc).__name__}: {exc}",
+                             route.name if route else None, pipeline, region=region)
+    outcome.route = route.name if route else None
     return outcome
 
 
@@ -336,6 +490,8 @@ def analyze_paths(
             "pipeline": outcome.pipeline,
             "instances": len(datasets),
             "segments": segment_summary(outcome),
+            "predicted_region": region_summary(outcome.region),
+            "body_part_flag": outcome.flag,
             "outputs": outputs,
             "timings_s": {k: round(v, 3) for k, v in outcome.timings_s.items()},
         })

@@ -62,6 +62,11 @@ def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def _check_routes(settings: Settings) -> None:
+    """Routes name pipelines that exist, and configured models load and fit their cards."""
+    if settings.models:
+        from node.models import check_models
+
+        check_models(settings)
     if not settings.routes:
         return
     from analysis.pipeline import pipeline_names
@@ -273,6 +278,64 @@ def cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(s["status"] != "failed" for s in report["series"]) else 1
 
 
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from analysis import MODELS_DIR
+
+    out = Path(args.out) if args.out else MODELS_DIR / args.task
+    missing = [p for p in args.real if not Path(p.partition("=")[2] or p).exists()]
+    if missing:
+        raise CLIError(f"no such folder: {', '.join(missing)}")
+    if args.task == "lungs":
+        from analysis.train_lungs import train_lungs
+
+        kwargs: dict[str, Any] = {"seed": args.seed, "real_folders": [Path(p) for p in args.real]}
+        if args.epochs is not None:
+            kwargs["epochs"] = args.epochs
+        if args.volumes is not None:
+            kwargs["volumes"] = args.volumes
+        card = train_lungs(out, **kwargs)
+        print(json.dumps({"model": str(out), "metrics": card.to_dict().get("metrics")}, indent=2))
+        return 0
+    from analysis.train_region import train_region
+
+    real = []
+    for item in args.real:
+        region, sep, folder = item.partition("=")
+        if not sep:
+            raise CLIError(f"--real {item!r}: for --task region give REGION=FOLDER")
+        real.append((region, Path(folder)))
+    kwargs = {"seed": args.seed, "classifier": args.classifier, "real": real}
+    if args.per_region is not None:
+        kwargs["per_region"] = args.per_region
+    card = train_region(out, **kwargs)
+    print(json.dumps({"model": str(out), "metrics": card.get("metrics")}, indent=2))
+    return 0
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from node import evaluate
+
+    try:
+        labels = evaluate.load_region_labels(args.region, args.regions)
+    except (OSError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    if args.synthetic:
+        scores = evaluate.evaluate_synthetic(settings, args.synthetic, args.seed)
+    else:
+        if not args.paths:
+            raise CLIError("give folders of series to evaluate, or --synthetic N")
+        missing = [p for p in args.paths if not Path(p).exists()]
+        if missing:
+            raise CLIError(f"no such file or folder: {', '.join(missing)}")
+        scores = evaluate.evaluate_paths(args.paths, settings, regions=labels)
+    summary = evaluate.summarise(scores)
+    if args.json:
+        print(json.dumps({"series": [s.as_dict() for s in scores], "summary": summary}, indent=2))
+        return 0
+    print(evaluate.format_report(scores, summary))
+    return 0
+
+
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     from db import migrate
 
@@ -341,6 +404,38 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--pipeline", help="run this pipeline on every image series "
                          "instead of routing them by the configured routes")
     analyze.set_defaults(func=cmd_analyze)
+
+    train = commands.add_parser(
+        "train", parents=[common],
+        help="train a shipped model on generated data (and optional real folders)")
+    train.add_argument("--task", required=True, choices=["lungs", "region"])
+    train.add_argument("--out", metavar="DIR",
+                       help="where the model and its card go (default: the shipped model's folder)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--real", action="append", default=[], metavar="FOLDER",
+                       help="real CT folder to add (lungs: FOLDER, labelled by the classical "
+                       "pipeline; region: REGION=FOLDER); repeatable")
+    train.add_argument("--epochs", type=int, help="lungs: training epochs")
+    train.add_argument("--volumes", type=int, help="lungs: generated training volumes")
+    train.add_argument("--classifier", choices=["rf", "svm"], default="rf",
+                       help="region: random forest or support vector machine")
+    train.add_argument("--per-region", type=int, help="region: generated series per region")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", parents=[common],
+        help="Dice per structure and region accuracy on series with known answers")
+    evaluate.add_argument("paths", nargs="*", metavar="PATH",
+                          help="folders with CT series and reference SEGs")
+    evaluate.add_argument("--region", action="append", default=[], metavar="REGION=PATH",
+                          help="every series under PATH is of REGION (repeatable)")
+    evaluate.add_argument("--regions", metavar="FILE",
+                          help="JSON: Series Instance UID or path -> region")
+    evaluate.add_argument("--synthetic", type=int, metavar="N",
+                          help="evaluate on N generated series per region held back from training")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     db = commands.add_parser("db", parents=[common], help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")

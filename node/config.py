@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
+
+from analysis.types import DEFAULT_FINAL_MASK
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -122,10 +124,22 @@ class RouteMatch(_Section):
     series_description: str | None = Field(None, description="regular expression (search)")
     calling_ae: list[str] | None = None
     min_instances: int = Field(1, ge=1)
+    predicted_region: list[str] | None = Field(
+        None, description="head, chest, abdomen, pelvis or other, as the region model sees the pixels"
+    )
 
     _lists = field_validator(
-        "modality", "body_part", "sop_class", "calling_ae", mode="before"
+        "modality", "body_part", "sop_class", "calling_ae", "predicted_region", mode="before"
     )(_as_list)
+
+    @field_validator("predicted_region")
+    @classmethod
+    def _regions(cls, value: list[str] | None) -> list[str] | None:
+        known = ("head", "chest", "abdomen", "pelvis", "other")
+        for item in value or []:
+            if item.lower() not in known:
+                raise ValueError(f"{item!r} is not a region; use {', '.join(known)}")
+        return [item.lower() for item in value] if value else value
 
     @field_validator("series_description")
     @classmethod
@@ -147,9 +161,48 @@ class Route(_Section):
     destinations: list[str] | None = Field(
         None, description="destination names; unset means every configured destination"
     )
+    model: str | None = Field(
+        None, description="a configured model (models[].name) for pipelines that use one; "
+        "unset: the model shipped with pacsnode"
+    )
 
 
 DEFAULT_ROUTES = [Route(name="ct", match=RouteMatch(modality=["CT"]), pipeline="ct-body-lungs")]
+
+
+class ModelConfig(_Section):
+    """A segmentation model of the user's: a Keras file or SavedModel and its card.
+
+    The card (JSON, ``pacsnode.model-card/1``) maps each output index to a segment label
+    with its SNOMED CT coded category and type, and gives the preprocessing (HU window,
+    input size, pixel spacing); see docs/models.md.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    path: Path
+    card: Path
+
+
+MaskSource = Literal["cnn", "classical"]
+
+
+class SegmentationConfig(_Section):
+    """How ``ct-body-lungs`` combines the CNN with the classical segmentation."""
+
+    final_mask: dict[str, MaskSource] = Field(
+        default_factory=lambda: dict(DEFAULT_FINAL_MASK),
+        description="per structure, which segmenter provides the final mask",
+    )
+    batch_size: int = Field(16, ge=1, description="slices per CNN inference batch")
+
+    @field_validator("final_mask")
+    @classmethod
+    def _structures(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = set(value) - set(DEFAULT_FINAL_MASK)
+        if unknown:
+            raise ValueError(f"unknown structure(s) {sorted(unknown)}; use "
+                             f"{', '.join(DEFAULT_FINAL_MASK)}")
+        return {**DEFAULT_FINAL_MASK, **value}
 
 
 class ResultsConfig(_Section):
@@ -216,6 +269,8 @@ class Settings(BaseSettings):
     study: StudyConfig = StudyConfig()
     destinations: list[Destination] = []
     routes: list[Route] = DEFAULT_ROUTES
+    models: list[ModelConfig] = []
+    segmentation: SegmentationConfig = SegmentationConfig()
     results: ResultsConfig = ResultsConfig()
     jobs: JobsConfig = JobsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
@@ -227,7 +282,15 @@ class Settings(BaseSettings):
         known = [dest.name for dest in self.destinations]
         if len(set(known)) != len(known):
             raise ValueError("destinations: names must be unique")
+        models = [model.name for model in self.models]
+        if len(set(models)) != len(models):
+            raise ValueError("models: names must be unique")
         for number, route in enumerate(self.routes):
+            if route.model is not None and route.model not in models:
+                raise ValueError(
+                    f"routes.{number}.model: no model named {route.model!r} "
+                    f"(configured: {', '.join(models) or 'none'})"
+                )
             for name in route.destinations or []:
                 if name not in known:
                     raise ValueError(

@@ -57,11 +57,13 @@ class JobSpec:
     """Everything a worker needs to run one job."""
 
     job_id: int
+    route: str | None
     study_instance_uid: str
     series_instance_uid: str
-    pipeline: str
+    pipeline: str  # "" while routing waits for the predicted region
     destinations: list[str]
     files: list[Path]  # absolute paths, in instance number order
+    calling_aes: frozenset[str] = frozenset()
 
 
 # -- routing a stable study into jobs ---------------------------------------------------
@@ -133,17 +135,17 @@ def _plan_study(conn: Connection, settings: Settings, study_id: int, now: dateti
                 route=route.name if route else None,
                 pipeline=route.pipeline if route else None,
                 destinations=json.dumps(settings.route_destinations(route) if route else []),
-                status=JobStatus.SKIPPED.value if route is None else JobStatus.QUEUED.value,
+                status=JobStatus.SKIPPED.value if decision.skipped else JobStatus.QUEUED.value,
                 reason=decision.reason,
                 instances=facts.instances,
                 attempt=0,
                 queued_at=now,
-                finished_at=now if route is None else None,
+                finished_at=now if decision.skipped else None,
                 timings="{}",
             )
         ).inserted_primary_key[0]
         log.info("series %s: %s", series.series_instance_uid, decision.reason)
-        if route is not None:
+        if not decision.skipped:
             queued.append(int(job_id))
     return queued
 
@@ -229,24 +231,41 @@ def claim_jobs(engine: Engine, limit: int) -> list[int]:
 def load_job(engine: Engine, data_dir: Path, job_id: int) -> JobSpec:
     with engine.connect() as conn:
         job = conn.execute(
-            select(_jobs.c.series_fk, _jobs.c.pipeline, _jobs.c.destinations,
+            select(_jobs.c.series_fk, _jobs.c.route, _jobs.c.pipeline, _jobs.c.destinations,
                    Study.study_instance_uid, Series.series_instance_uid)
             .join(Study, Study.id == _jobs.c.study_fk)
             .join(Series, Series.id == _jobs.c.series_fk)
             .where(_jobs.c.id == job_id)
         ).one()
-        paths = conn.execute(
-            select(Instance.file_path).where(Instance.series_fk == job.series_fk)
+        rows = conn.execute(
+            select(Instance.file_path, AssociationRecord.calling_ae)
+            .join(AssociationRecord, Instance.association_fk == AssociationRecord.id,
+                  isouter=True)
+            .where(Instance.series_fk == job.series_fk)
             .order_by(Instance.instance_number, Instance.id)
-        ).scalars().all()
+        ).all()
+        paths = [row.file_path for row in rows]
     return JobSpec(
         job_id=job_id,
+        route=job.route,
         study_instance_uid=job.study_instance_uid,
         series_instance_uid=job.series_instance_uid,
         pipeline=job.pipeline or "",
         destinations=json.loads(job.destinations),
         files=[data_dir / path for path in paths],
+        calling_aes=frozenset(row.calling_ae for row in rows if row.calling_ae),
     )
+
+
+def set_route(conn: Connection, job_id: int, decision: Any, destinations: list[str]) -> None:
+    """Record the route a worker chose once the predicted region was known."""
+    route = decision.route
+    conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
+        route=route.name if route else None,
+        pipeline=route.pipeline if route else None,
+        destinations=json.dumps(destinations),
+        reason=decision.reason,
+    ))
 
 
 def finish_job(

@@ -364,15 +364,43 @@ STRUCTURES: Mapping[str, Structure] = MappingProxyType(
 )
 
 
+#: Labels of users' own models, with the codes from their model cards.
+_REGISTERED: dict[str, Structure] = {}
+
+
+def register_structure(structure: Structure) -> Structure:
+    """Add the coded meaning of a label a user's model produces.
+
+    A built-in label keeps its meaning; registering it again with other codes is an
+    error, so two models cannot disagree about what "lung_left" is.
+    """
+    known = STRUCTURES.get(structure.label) or _REGISTERED.get(structure.label)
+    if known is not None and (known.category, known.property_type) != (
+        structure.category, structure.property_type
+    ):
+        raise ValueError(
+            f"segment label {structure.label!r} is already coded as "
+            f"{known.property_type.meaning} ({known.property_type.value}); a model cannot "
+            f"code it as {structure.property_type.meaning} ({structure.property_type.value})"
+        )
+    if known is None:
+        _REGISTERED[structure.label] = structure
+    return known or structure
+
+
 def structure_for(label: str) -> Structure:
     """The coded meaning of a segment label; an unknown label raises."""
     try:
         return STRUCTURES[label]
     except (KeyError, TypeError):
-        raise UnknownStructureError(
-            f"no coded meaning for segment label {label!r}; known labels: "
-            f"{', '.join(sorted(STRUCTURES))} (add it to node.results.STRUCTURES)"
-        ) from None
+        pass
+    if isinstance(label, str) and label in _REGISTERED:
+        return _REGISTERED[label]
+    known = sorted({*STRUCTURES, *_REGISTERED})
+    raise UnknownStructureError(
+        f"no coded meaning for segment label {label!r}; known labels: "
+        f"{', '.join(known)} (a model's card gives its labels' codes)"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -650,6 +678,49 @@ MAXIMUM = codes.SCT.Maximum
 #: Procedure Reported (TID 1500) for CT sources.
 PROCEDURE_CT = codes.SCT.ComputedTomography
 
+#: Dice agreement of the CNN's mask with the classical one. No standard code names
+#: it; a private coding scheme (the 99 prefix, PS3.16 8.2) is the DICOM way to say so.
+DICE_VS_CLASSICAL = Code("DICECNNCLASSIC", "99PACSNODE",
+                         "Dice agreement of CNN and classical segmentation")
+UNIT_RATIO = Code("1", "UCUM", "no units")
+TARGET_REGION = codes.DCM.TargetRegion
+PROBABILITY = codes.DCM.Probability
+#: The predicted anatomical region of the series (CID 4031 Common Anatomic Regions).
+REGION_CODES: Mapping[str, Code] = {
+    "head": codes.cid4031.Head,
+    "chest": codes.cid4031.Chest,
+    "abdomen": codes.cid4031.Abdomen,
+    "pelvis": codes.cid4031.Pelvis,
+}
+
+
+@dataclass(frozen=True)
+class RegionFinding:
+    """The region classifier's reading of the series, reported as a TID 1501 group."""
+
+    label: str
+    probability: float
+
+    def __post_init__(self) -> None:
+        if self.label not in REGION_CODES:
+            raise ValueError(f"region label must be one of {sorted(REGION_CODES)}, "
+                             f"got {self.label!r}")
+        if not 0.0 <= float(self.probability) <= 1.0:
+            raise ValueError(f"region probability must be in [0, 1], got {self.probability}")
+
+    def group(self, algorithm: hd.sr.AlgorithmIdentification,
+              source_series_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier=f"Anatomic region of series {source_series_uid}"[:64]),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(
+                name=PROBABILITY, value=float(self.probability), unit=UNIT_RATIO,
+                algorithm_id=algorithm)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=TARGET_REGION, value=REGION_CODES[self.label])],
+        )
+
 _SEGMENTATION_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
@@ -690,6 +761,19 @@ def _measurement_items(
     return items
 
 
+def _agreement_items(
+    agreement: Mapping[str, float] | None, label: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.Measurement]:
+    if not agreement or label not in agreement:
+        return []
+    value = float(agreement[label])
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"agreement of {label!r} must be a Dice coefficient in [0, 1], got {value}")
+    return [hd.sr.Measurement(name=DICE_VS_CLASSICAL, value=value, unit=UNIT_RATIO,
+                              algorithm_id=algorithm)]
+
+
 def _segment_numbers_by_label(seg: Dataset) -> dict[str, tuple[int, Dataset]]:
     """Display label -> (segment number, segment item) of a SEG."""
     out: dict[str, tuple[int, Dataset]] = {}
@@ -709,6 +793,9 @@ def build_measurement_report(
     series_description: str,
     instance_number: int = 1,
     qualitative: Mapping[str, Sequence[hd.sr.QualitativeEvaluation]] | None = None,
+    agreement: Mapping[str, float] | None = None,
+    region: RegionFinding | None = None,
+    region_algorithm: AlgorithmInfo | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report of the segments of ``seg``.
 
@@ -734,6 +821,12 @@ def build_measurement_report(
         Of the new SR series and instance.
     qualitative
         Optional qualitative evaluations per segment label, added to its group.
+    agreement
+        Optional Dice agreement of the CNN's and the classical mask per segment
+        label (a QA figure), added to its group as a measurement.
+    region, region_algorithm
+        Optional predicted anatomical region of the series with its probability, and
+        the classifier that predicted it: one more group (TID 1501).
 
     Raises
     ------
@@ -828,7 +921,8 @@ def build_measurement_report(
                         laterality=structure.laterality,
                     )
                 ],
-                measurements=_measurement_items(measurement, sr_algorithm),
+                measurements=_measurement_items(measurement, sr_algorithm)
+                + _agreement_items(agreement, measurement.label, sr_algorithm),
                 qualitative_evaluations=list(qualitative.get(measurement.label, [])) or None,
             )
         )
@@ -840,6 +934,8 @@ def build_measurement_report(
         )
     if not groups:
         raise ValueError("no measurement matches a segment of the SEG: nothing to report")
+    if region is not None:
+        groups.append(region.group((region_algorithm or algorithm).to_sr(), source_series_uid))
 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -848,7 +944,7 @@ def build_measurement_report(
         procedure_reported=PROCEDURE_CT,
         imaging_measurements=groups,
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[*prepared, seg],
         content=report[0],
         series_instance_uid=hd.UID(),
@@ -863,6 +959,17 @@ def build_measurement_report(
         series_description=series_description,
         is_complete=True,
     )
+    if agreement:
+        sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    return sr
+
+
+def _private_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = DICE_VS_CLASSICAL.scheme_designator
+    item.CodingSchemeName = "pacsnode local codes"
+    item.CodingSchemeResponsibleOrganization = "pacsnode"
+    return item
 
 
 def write_dataset(ds: Dataset, path: Path | str) -> Path:

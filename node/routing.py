@@ -40,18 +40,29 @@ class SeriesFacts:
     image_types: frozenset[str] = frozenset()
     manufacturer: str = ""
     ours: bool = False  # one of our own result series, sent back to us
+    #: The region model's reading of the pixels; ``None`` until a worker has run it.
+    predicted_region: str | None = None
 
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """The route to take, or ``None`` with the reason the series is skipped."""
+    """The route to take, or ``None`` with the reason the series is skipped.
+
+    ``pending`` means the decision needs the predicted region, which only a worker
+    that has the pixels can give: the series is queued and routed there.
+    """
 
     route: Route | None
     reason: str
+    pending: bool = False
 
     @property
     def skipped(self) -> bool:
-        return self.route is None
+        return self.route is None and not self.pending
+
+
+class _NeedsRegion(Exception):
+    """A route's match depends on the predicted region, which is not known yet."""
 
 
 def is_image_sop_class(uid: str) -> bool:
@@ -119,6 +130,11 @@ def _mismatch(facts: SeriesFacts, route: Route) -> str | None:
         return f"calling AE {', '.join(sorted(facts.calling_aes)) or '(none)'}"
     if facts.instances < match.min_instances:
         return f"{facts.instances} instances, fewer than {match.min_instances}"
+    if match.predicted_region is not None:
+        if facts.predicted_region is None:
+            raise _NeedsRegion()
+        if facts.predicted_region not in match.predicted_region:
+            return f"predicted region {facts.predicted_region}"
     return None
 
 
@@ -128,7 +144,12 @@ def choose_route(facts: SeriesFacts, routes: Sequence[Route]) -> RouteDecision:
         return RouteDecision(None, reason)
     misses = []
     for route in routes:
-        why_not = _mismatch(facts, route)
+        try:
+            why_not = _mismatch(facts, route)
+        except _NeedsRegion:
+            # Routes are ordered: this one must be decided before any later one.
+            return RouteDecision(None, f"route {route.name} needs the predicted region",
+                                 pending=True)
         if why_not is None:
             return RouteDecision(route, f"matched route {route.name}")
         misses.append(f"{route.name}: {why_not}")

@@ -178,11 +178,18 @@ def postgres_url(postgres_admin_url: str) -> Iterator[str]:
         yield make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            conn.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            for attempt in range(5):  # a process still stopping may reconnect meanwhile
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = :n"), {"n": name},
+                )
+                try:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+                    break
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.5)
         admin.dispose()
 
 
@@ -216,8 +223,10 @@ def make_node(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def node(make_node: Any, db_url: str) -> NodeProcess:
+def node(db_url: str, make_node: Any) -> NodeProcess:
     """A running node on SQLite, then on PostgreSQL."""
+    # db_url first: fixtures are torn down in reverse, so the node stops before its
+    # database is dropped.
     return make_node(db_url=db_url)
 
 

@@ -32,7 +32,7 @@ def chest():
 
 @pytest.fixture(scope="module")
 def chest_result(chest):
-    return pl.get_pipeline("ct-body-lungs").run(chest[0])
+    return pl.get_pipeline("ct-body-lungs-classical").run(chest[0])
 
 
 # ------------------------------------------------------------------------ registry
@@ -118,14 +118,14 @@ def test_pipeline_without_masks_is_refused():
 def test_ct_body_lungs_masks_on_the_source_grid(chest, chest_result):
     volume, labels = chest
     result = chest_result
-    assert result.pipeline == "ct-body-lungs"
+    assert result.pipeline == "ct-body-lungs-classical"
     assert list(result.masks) == [BODY, LUNG_LEFT, LUNG_RIGHT]
     for mask in result.masks.values():
         assert mask.dtype == bool and mask.shape == volume.hu.shape
     assert dice(result.masks[BODY], labels > 0) > 0.95
     assert dice(result.masks[LUNG_LEFT], labels == LABEL_LUNG_LEFT) > 0.9
     assert dice(result.masks[LUNG_RIGHT], labels == LABEL_LUNG_RIGHT) > 0.9
-    assert set(result.timings_s) == {step.name for step in pl.get_pipeline("ct-body-lungs").steps}
+    assert set(result.timings_s) == {step.name for step in pl.get_pipeline("ct-body-lungs-classical").steps}
     assert result.notes == []
 
 
@@ -145,7 +145,7 @@ def test_ct_body_lungs_measures_on_the_original_hu(chest, chest_result):
 def test_abdomen_gives_empty_lung_masks_and_no_lung_measurements():
     volume, labels = volume_of(PhantomSpec(slices=10, rows=128, columns=128, pixel_spacing_mm=3.0,
                                            stomach_gas=True, bowel_gas=True), lungs=False)
-    result = pl.get_pipeline("ct-body-lungs").run(volume)
+    result = pl.get_pipeline("ct-body-lungs-classical").run(volume)
     assert list(result.masks) == [BODY, LUNG_LEFT, LUNG_RIGHT]
     assert not result.masks[LUNG_LEFT].any() and not result.masks[LUNG_RIGHT].any()
     assert [m.label for m in result.measurements] == [BODY]

@@ -250,7 +250,7 @@ def run_real(name: str):
         if ds.get("Modality") == "CT" and int(ds.get("NumberOfFrames", 1) or 1) == 1
     ]
     volume, _ = volume_from_datasets(datasets)
-    return volume, get_pipeline("ct-body-lungs").run(volume)
+    return volume, get_pipeline("ct-body-lungs-classical").run(volume)
 
 
 def centroid_x(volume, mask: np.ndarray) -> float:

@@ -20,9 +20,13 @@ from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT, PhantomSpec, mak
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, SegmentMeasurement
 from node import __version__
 from node.results import (
+    DICE_VS_CLASSICAL,
+    PROBABILITY,
+    TARGET_REGION,
     AlgorithmFamily,
     AlgorithmInfo,
     EncoderIdentity,
+    RegionFinding,
     UnknownStructureError,
     build_measurement_report,
     build_segmentation,
@@ -414,6 +418,37 @@ def test_report_qualitative_evaluations(tmp_path: Path, phantom_series) -> None:
     _, groups = read_groups(write_dataset(sr, tmp_path / "sr.dcm"))
     assert [len(g.get_qualitative_evaluations()) for g in groups] == [0, 0, 1]
     assert groups[2].get_qualitative_evaluations()[0].value == codes.SCT.Absent
+
+
+def test_report_agreement_and_region(tmp_path: Path, phantom_series) -> None:
+    require_tool("dciodvfy")
+    datasets, masks = fresh(phantom_series)
+    seg = build_segmentation(datasets, masks, algorithm=ALGORITHM, identity=IDENTITY,
+                             series_number=5, series_description="x")
+    classifier = AlgorithmInfo(name="pacsnode region", version="1.0",
+                               family=AlgorithmFamily.CLUSTER_ANALYSIS)
+    sr = build_measurement_report(
+        seg, datasets, measurements_for(masks), algorithm=ALGORITHM, identity=IDENTITY,
+        series_number=6, series_description="y", agreement={LUNG_LEFT: 0.93, LUNG_RIGHT: 0.91},
+        region=RegionFinding("chest", 0.87), region_algorithm=classifier)
+    path = write_dataset(sr, tmp_path / "sr.dcm")
+    # Only the private coding scheme is unknown to dciodvfy (declared in the SR's
+    # Coding Scheme Identification Sequence, as PS3.3 C.12.1.1.2.1 asks).
+    assert all("99PACSNODE" in line for line in dciodvfy_clean(path))
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99PACSNODE"
+    sr, groups = read_groups(path)
+    dice = [measured(g).get((DICE_VS_CLASSICAL.value, None)) for g in groups]
+    assert dice == [None, (0.93, "1"), (0.91, "1")]
+    items = hd.sr.utils.find_content_items(sr, name=TARGET_REGION, recursive=True)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in items] == ["816094009"]
+    probability = hd.sr.utils.find_content_items(sr, name=PROBABILITY, recursive=True)
+    assert float(probability[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.87)
+    with pytest.raises(ValueError, match="region label must be one of"):
+        RegionFinding("knee", 0.9)
+    with pytest.raises(ValueError, match="Dice coefficient"):
+        build_measurement_report(seg, datasets, measurements_for(masks), algorithm=ALGORITHM,
+                                 identity=IDENTITY, series_number=6, series_description="y",
+                                 agreement={LUNG_LEFT: 1.5})
 
 
 def test_report_refuses_inconsistent_measurements(phantom_series) -> None:
