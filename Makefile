@@ -35,6 +35,7 @@ test: install peers
 
 bench: install peers
 	$(PY) bench/run.py
+	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
 
 clean:

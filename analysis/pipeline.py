@@ -68,6 +68,17 @@ class Step:
     outputs: tuple[str, ...]
 
 
+def _initial(volume: ImageVolume) -> dict[str, Any]:
+    """The values every run starts with."""
+    return {
+        "volume": volume,
+        "hu": volume.hu,
+        "spacing_mm": tuple(float(s) for s in volume.spacing_mm),
+        "affine": np.asarray(volume.affine, dtype=np.float64),
+        "notes": [],
+    }
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """Named steps run in order over one volume.
@@ -89,27 +100,7 @@ class Pipeline:
         ``context`` adds named inputs for the steps (a loaded model, which segmenter
         provides each final mask, ...).
         """
-        values: dict[str, Any] = {
-            "volume": volume,
-            "hu": volume.hu,
-            "spacing_mm": tuple(float(s) for s in volume.spacing_mm),
-            "affine": np.asarray(volume.affine, dtype=np.float64),
-            "notes": [],
-            **DEFAULT_CONTEXT,
-            **(context or {}),
-        }
-        timings: dict[str, float] = {}
-        for step in self.steps:
-            missing = [name for name in step.inputs if name not in values]
-            if missing:
-                raise PipelineError(
-                    f"pipeline {self.name!r}, step {step.name!r}: missing input(s) {missing}; "
-                    f"available: {sorted(values)}"
-                )
-            started = time.perf_counter()
-            produced = step.run(*(values[name] for name in step.inputs))
-            timings[step.name] = time.perf_counter() - started
-            values.update(self._outputs(step, produced))
+        values, timings = self._run({**_initial(volume), **DEFAULT_CONTEXT, **(context or {})})
         for required in ("masks", "measurements"):
             if required not in values:
                 raise PipelineError(f"pipeline {self.name!r} produced no {required!r}")
@@ -123,6 +114,25 @@ class Pipeline:
             mask_sources=dict(values.get("mask_sources", {})),
             candidates=dict(values.get("candidates", {})),
         )
+
+    def run_values(self, volume: ImageVolume) -> dict[str, Any]:
+        """Run the steps and return every named value (for composing pipelines)."""
+        return self._run(_initial(volume))[0]
+
+    def _run(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        timings: dict[str, float] = {}
+        for step in self.steps:
+            missing = [name for name in step.inputs if name not in values]
+            if missing:
+                raise PipelineError(
+                    f"pipeline {self.name!r}, step {step.name!r}: missing input(s) {missing}; "
+                    f"available: {sorted(values)}"
+                )
+            started = time.perf_counter()
+            produced = step.run(*(values[name] for name in step.inputs))
+            timings[step.name] = time.perf_counter() - started
+            values.update(self._outputs(step, produced))
+        return values, timings
 
     def _outputs(self, step: Step, produced: Any) -> dict[str, Any]:
         if len(step.outputs) == 1:
@@ -243,8 +253,30 @@ def ct_body_lungs_classical() -> Pipeline:
                     (*_front_steps(), segment_lungs, collect, *_back_steps()))
 
 
-def _classical_masks(volume: ImageVolume) -> dict[str, np.ndarray]:
-    return ct_body_lungs_classical().run(volume).masks
+def _classical_mask_steps() -> tuple[Step, ...]:
+    """The classical pipeline up to its masks on the source grid (no measurements)."""
+    steps = ct_body_lungs_classical().steps
+    return tuple(step for step in steps if step.name not in ("measure", "notes"))
+
+
+def _run_steps(steps: tuple[Step, ...], volume: ImageVolume, output: str) -> Any:
+    return Pipeline("steps", steps).run_values(volume)[output]
+
+
+def _segment_both(
+    volume: ImageVolume, model: Any, batch_size: int, notes: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, list[str]]:
+    """The classical masks and the CNN's, computed at the same time.
+
+    TensorFlow and most of the classical steps (OpenCV, SciPy) release the GIL, so on
+    two cores the classical steps largely hide behind the CNN.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="classical") as pool:
+        classical = pool.submit(_run_steps, _classical_mask_steps(), volume, "masks")
+        cnn, notes = _segment_cnn(volume, model, batch_size, notes)
+        return classical.result(), cnn, notes
 
 
 def _segment_cnn(
@@ -261,26 +293,25 @@ def _segment_cnn(
         return None, notes + [f"CNN not used: {exc}"]
     for label in (LUNG_LEFT, LUNG_RIGHT):
         if label in masks:
-            masks[label] = drop_specks(masks[label], volume.voxel_volume_ml, MIN_LUNG_PART_ML)
+            masks[label] = drop_specks(masks[label], volume.voxel_volume_ml, MIN_LUNG_ML)
     return masks, notes
 
 
-#: Lung pieces the CNN finds below this volume are dropped: a real lung base in the
-#: top slices of an abdomen is larger, while specks in a head or in bowel gas are not.
-MIN_LUNG_PART_ML = 5.0
+#: A lung of which the CNN finds less than this in the whole series is not reported:
+#: lung bases in the top slices of an abdomen are larger, while the specks it finds in
+#: skull-base air cells (1.2 mL on the real head phantom) or bowel gas are not.
+MIN_LUNG_ML = 5.0
 
 
 def drop_specks(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
-    """``mask`` without its 3D connected components smaller than ``min_ml``."""
-    from scipy import ndimage
+    """``mask``, or an empty mask when all of it is smaller than ``min_ml``.
 
-    if not mask.any():
+    The whole mask, not each connected piece: labelling 3D components of a 512x512
+    series costs about a second per lung, and the false finds are whole-series specks.
+    """
+    if float(mask.sum()) * voxel_ml >= min_ml:
         return mask
-    labelled, count = ndimage.label(mask)
-    sizes = np.bincount(labelled.ravel(), minlength=count + 1) * voxel_ml
-    keep = sizes >= min_ml
-    keep[0] = False
-    return keep[labelled]
+    return np.zeros_like(mask)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -310,9 +341,8 @@ def ct_body_lungs() -> Pipeline:
     """Body and lungs by both the CNN and the classical steps; per structure, the
     configured one (``final_mask``) is final and their Dice agreement is reported."""
     return Pipeline("ct-body-lungs", (
-        Step("classical", _classical_masks, ("volume",), ("classical_masks",)),
-        Step("cnn", _segment_cnn, ("volume", "model", "batch_size", "notes"),
-             ("cnn_masks", "notes")),
+        Step("segment", _segment_both, ("volume", "model", "batch_size", "notes"),
+             ("classical_masks", "cnn_masks", "notes")),
         Step("combine", _combine, ("classical_masks", "cnn_masks", "final_mask"),
              ("masks", "agreement", "mask_sources", "candidates")),
         Step("measure", _measure, ("masks", "hu", "spacing_mm"), ("measurements",)),
