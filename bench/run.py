@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.phantom import PhantomSpec, make_phantom  # noqa: E402
 from node.synthetic import write_ct_series  # noqa: E402
+from tests.orthanc import free_ports, orthanc_config  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable
@@ -105,15 +106,6 @@ def _rewrite(datasets: list[pydicom.Dataset], folder: Path, index: int) -> Round
 
 def free_port() -> int:
     return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all held open together while they are picked)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def base_env() -> dict[str, str]:
@@ -194,28 +186,12 @@ def start_storescp(stack: ExitStack, folder: Path) -> Receiver:
     return Receiver("storescp", "STORESCP", port, verify)
 
 
-def orthanc_config(folder: Path, http_port: int, dicom_port: int) -> dict[str, Any]:
-    return {
-        "Name": "pacsnode-bench",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],  # the Debian package's default config loads plugins; not here
-        "StorageCompression": False,
-    }
-
-
 def start_orthanc(stack: ExitStack, folder: Path) -> Receiver:
     http_port, dicom_port = free_ports(2)
     home = folder / "orthanc"
     home.mkdir()
     config = home / "config.json"
-    config.write_text(json.dumps(orthanc_config(home, http_port, dicom_port), indent=2))
+    config.write_text(json.dumps(orthanc_config(home, http_port, dicom_port, "ORTHANC"), indent=2))
     log = home / "orthanc.log"
     proc = stack.enter_context(running(["Orthanc", str(config)], base_env(), log))
     wait_for_port(http_port, proc, log)
