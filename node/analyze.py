@@ -381,16 +381,15 @@ def run_job(job_id: int) -> None:
             datasets = [pydicom.dcmread(path) for path in spec.files]
         loaded = load_series(datasets, timings)
         region = predict_region(loaded, timings)
-        pipeline, model, destinations = spec.pipeline, None, spec.destinations
+        pipeline, destinations = spec.pipeline, spec.destinations
         route = _route_by_region(engine, settings, spec, loaded, region) if not pipeline \
             else _route_named(settings, spec)
         if route is None:
             return  # skipped: recorded by _route_by_region
         if not pipeline:
             pipeline, destinations = route.pipeline, settings.route_destinations(route)
-        model = route.model if route is not None else None
         outcome = analyze_series(datasets, pipeline, settings, timings, loaded=loaded,
-                                 region=region, model=model)
+                                 region=region, model=route.model)
         with timed(timings, "store"):
             rows = _store_outputs(_worker.store, job_id, spec.study_instance_uid, outcome)
         timings["total"] = time.perf_counter() - started

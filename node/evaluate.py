@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ def _reference_from_seg(seg_ds: Dataset, sources: Sequence[Dataset],
     return reference
 
 
-def _regions_for(paths: Iterable[Path], labels: Mapping[str, str]) -> dict[str, str]:
+def _regions_for(labels: Mapping[str, str]) -> dict[str, str]:
     """Series UID or resolved path -> region, from the user's labels."""
     return {str(Path(k).resolve()) if Path(k).exists() else k: v for k, v in labels.items()}
 
@@ -152,7 +152,7 @@ def evaluate_paths(
     from node.routing import facts_from_datasets, never_analysed
     from node.scu import iter_files
 
-    regions = _regions_for(paths, regions or {})
+    regions = _regions_for(regions or {})
     by_series: dict[str, list[Dataset]] = {}
     files: dict[str, list[str]] = {}
     import pydicom

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -96,13 +96,10 @@ def _series_facts(conn: Connection, data_dir: Path, series: Any) -> SeriesFacts:
         select(func.count(Result.id)).where(
             Result.series_instance_uid == series.series_instance_uid)
     ).scalar_one() > 0
-    return SeriesFacts(
-        **{**facts.__dict__,
-           "modality": facts.modality or series.modality,
-           "sop_classes": frozenset(row.sop_class_uid for row in rows),
-           "instances": len(rows),
-           "ours": facts.ours or ours},
-    )
+    # The database knows every instance; the sampled headers only some.
+    return replace(facts, modality=facts.modality or series.modality,
+                   sop_classes=frozenset(row.sop_class_uid for row in rows),
+                   instances=len(rows), ours=facts.ours or ours)
 
 
 def _latest_job(conn: Connection, series_id: int) -> tuple[str, int] | None:

@@ -113,7 +113,8 @@ def test_a_model_that_does_not_match_its_card_is_refused_at_start(tmp_path: Path
     for command in (["serve"], ["analyze", str(tmp_path), "--out", str(tmp_path / "o")]):
         result = pacsnode(*command, config=config)
         assert result.returncode == 2, result.stderr
-        assert "models.0 (bad)" in result.stderr and "3" in result.stderr
+        assert "models.0 (bad)" in result.stderr
+        assert "2 output channels" in result.stderr and "maps 3 labels" in result.stderr
         assert "Traceback" not in result.stderr
 
 
