@@ -41,6 +41,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from analysis import model_card
 from analysis.features import SERIES_FEATURES, NoBodyError, feature_vector, series_features
 from analysis.types import ImageVolume
 
@@ -59,12 +60,15 @@ CARD_SCHEMA = "pacsnode.region-model-card/1"
 _MAX_OBLIQUITY_DEG = 45.0
 
 
-class ModelCardError(ValueError):
-    """The model card is missing a field or a field is invalid; ``field`` names it."""
+class ModelCardError(model_card.ModelCardError):
+    """The region card is missing a field or a field is invalid; ``field`` names it.
+
+    The segmentation cards' error, with the card file as its source: one exception
+    type for every invalid model card.
+    """
 
     def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{CARD_FILE}: {field_name}: {message}")
-        self.field = field_name
+        super().__init__(field_name, message, source=CARD_FILE)
 
 
 class ModelVersionError(RuntimeError):

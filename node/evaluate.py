@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 
+from analysis.pipeline import dice
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, ImageVolume, PipelineResult
 from node.config import Settings
 
@@ -35,11 +36,6 @@ REFERENCE_TYPES: Mapping[str, tuple[str, ...]] = {
     "38266002": (BODY,),
 }
 LUNGS = "lungs"  # the name of the union of both lungs in reports
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 @dataclass

@@ -124,6 +124,16 @@ class InstanceIndex:
             self._ids.update(new_ids)
         return True
 
+    def touch_study(self, study_instance_uid: str, now: datetime) -> None:
+        """An instance of the study has just been completed: restart its quiet period,
+        reopening it if it became stable while that instance was still arriving."""
+        with self.engine.begin() as conn:
+            study_id = conn.execute(
+                select(_studies.c.id).where(_studies.c.study_instance_uid == study_instance_uid)
+            ).scalar_one()
+            if not conn.execute(_TOUCH_STUDY, {"study": study_id, "now": now}).rowcount:
+                self._reopen(conn, study_id, now)
+
     def set_size(self, sop_instance_uid: str, file_size: int) -> None:
         """Correct the size of a row recorded before its dataset had fully arrived."""
         with self.engine.begin() as conn:

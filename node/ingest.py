@@ -9,6 +9,7 @@ Resources* so the sender keeps it and retries.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -217,7 +218,7 @@ class Ingestor:
             self.index.record, header, relative.as_posix(), size, request.transfer_syntax,
             request.association_id, utcnow(),
         )
-        return Early(header, relative, size, recording)
+        return Early(header, relative, size, recording, time.monotonic())
 
     def _store_early(self, incoming: Incoming, early: Early) -> StoreResult:
         request, writer = incoming.request, incoming.writer
@@ -258,7 +259,18 @@ class Ingestor:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         if writer.size != early.size:
             self._correct_size(early.header.sop_instance_uid, writer.size)
+        if time.monotonic() - early.started > _SLOW_TRANSFER_S:
+            self._touch(early.header.study_instance_uid)
         return StoreResult(StoreStatus.SUCCESS)
+
+    def _touch(self, study_instance_uid: str) -> None:
+        """The row was committed when the transfer began; a long transfer may have let the
+        study go quiet meanwhile, and be routed without this instance's file."""
+        try:
+            self.index.touch_study(study_instance_uid, utcnow())
+        except SQLAlchemyError:
+            # The instance is safe and indexed; only the study's clock is behind.
+            log.exception("could not restart the quiet period of study %s", study_instance_uid)
 
     def _correct_size(self, sop_instance_uid: str, size: int) -> None:
         try:
@@ -307,10 +319,14 @@ class Early:
     relative: PurePosixPath
     size: int  # the file size the row records; -1 when unknown until the end
     recording: Future[bool]  # InstanceIndex.record: True when the row is new
+    started: float  # time.monotonic() when the row was submitted
 
 
 #: How far into a dataset the elements before Pixel Data are looked for.
 _EARLY_LIMIT = 1 << 16
+#: An instance indexed early whose transfer took longer than this touches its study
+#: again when complete (one more commit, only for slow or very large instances).
+_SLOW_TRANSFER_S = 1.0
 
 
 class Incoming:

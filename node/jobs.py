@@ -121,8 +121,11 @@ def _plan_study(conn: Connection, settings: Settings, study_id: int, now: dateti
     for series in all_series:
         facts = _series_facts(conn, settings.storage.data_dir, series)
         latest = _latest_job(conn, series.id)
-        if latest is not None and latest[1] == facts.instances:
+        if latest is not None and latest[1] == facts.instances \
+                and latest[0] != JobStatus.FAILED.value:
             continue  # unchanged since its last routing: its results stand
+        # A failed series gets another run whenever its study becomes stable again:
+        # what failed may have been an instance still arriving (see Ingestor._touch).
         decision = choose_route(facts, settings.routes)
         route = decision.route
         job_id = conn.execute(

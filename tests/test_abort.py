@@ -7,6 +7,7 @@ when the rest never comes, that row must go again.
 
 from __future__ import annotations
 
+import json
 import time
 from io import BytesIO
 from pathlib import Path
@@ -29,8 +30,9 @@ def _encoded(path: Path) -> bytes:
     return encoded
 
 
-def _send_half(node: NodeProcess, path: Path) -> None:
-    """Send a C-STORE request and part of its dataset, then A-ABORT."""
+def _send_in_two(node: NodeProcess, path: Path, pause_s: float, abort: bool) -> None:
+    """Send a C-STORE request and half its dataset, wait, then A-ABORT or send the rest
+    (its response is not read here: the node's database says what it stored)."""
     ds = pydicom.dcmread(path)
     ae = AE(ae_title="HALFSENDER")
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
@@ -47,10 +49,18 @@ def _send_half(node: NodeProcess, path: Path) -> None:
     context_id = assoc.accepted_contexts[0].context_id
     fragments = list(message.encode_msg(context_id, 16384))
     assert len(fragments) > 4
-    for fragment in fragments[: len(fragments) // 2]:
+    half = len(fragments) // 2
+    for fragment in fragments[:half]:
         assoc.dul.send_pdu(fragment)
-    time.sleep(0.5)  # the node has the header and has indexed the instance by now
-    assoc.abort()
+    time.sleep(pause_s)  # the node has the header and has indexed the instance by now
+    if abort:
+        assoc.abort()
+        return
+    for fragment in fragments[half:]:
+        assoc.dul.send_pdu(fragment)
+    time.sleep(1.0)  # for the node to store it and answer
+    assoc.release()
+    return None
 
 
 def test_abort_mid_instance_takes_the_early_row_back(make_node: Any, tmp_path: Path) -> None:
@@ -58,7 +68,7 @@ def test_abort_mid_instance_takes_the_early_row_back(make_node: Any, tmp_path: P
     node = make_node()
     series = make_series(tmp_path / "s", slices=3, size=256)
     node.storescu(series.paths[0])  # the series is known: its next instances index early
-    _send_half(node, series.paths[1])
+    _send_in_two(node, series.paths[1], 0.5, abort=True)
 
     engine = create_engine(node.db_url)
     query = text("select outcome, instances_stored from associations where calling_ae = :ae")
@@ -84,3 +94,29 @@ def test_abort_mid_instance_takes_the_early_row_back(make_node: Any, tmp_path: P
     node.storescu(series.paths[1])
     (study,) = node.studies()
     assert study["instances"] == 2
+
+
+def test_a_study_that_went_quiet_during_a_slow_instance_is_reopened(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """The early row restarts the quiet period when the transfer begins; an instance
+    still arriving after study.stable_age_s reopens the study when it completes, and the
+    series, analysed meanwhile without that instance's file, is analysed again."""
+    require_tool("storescu")
+    routes = json.dumps([{"name": "body", "match": {"modality": "CT"}, "pipeline": "ct-body"}])
+    node = make_node(stable_age_s=1.0, extra_env={"PACSNODE__ROUTES": routes})
+    series = make_series(tmp_path / "s", slices=2, size=256)
+    node.storescu(series.paths[0])
+    _send_in_two(node, series.paths[1], 6.0, abort=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        study = node.study(series.study_instance_uid)
+        analysis = study["series"][0]["analysis"]
+        if study["status"] == "analyzed" and analysis and analysis["status"] == "done":
+            break
+        time.sleep(0.3)
+    transitions = [(e["from"], e["to"]) for e in study["events"]]
+    assert ("analyzed", "receiving") in transitions, transitions
+    assert study["instances"] == 2
+    jobs = study["series"][0]["jobs"]
+    assert jobs[-1]["status"] == "done" and jobs[-1]["instances"] == 2, jobs
