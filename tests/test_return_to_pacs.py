@@ -195,7 +195,9 @@ def test_deliveries_retry_until_the_pacs_answers(make_node: Any, tmp_path: Path)
         if not analysis or not analysis["results"]:
             return None
         delivery = analysis["results"][0]["deliveries"][0]
-        return delivery if delivery["attempts"] >= 2 else None
+        # Between two attempts (it is "sending" during one).
+        return delivery if delivery["attempts"] >= 2 and delivery["status"] == "pending" \
+            else None
 
     delivery = wait_until(pending_with_error, 120, f"failed attempts\n{node.log()[-3000:]}")
     assert delivery["status"] == "pending" and delivery["last_error"]
