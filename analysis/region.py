@@ -42,7 +42,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from analysis import model_card
-from analysis.features import SERIES_FEATURES, NoBodyError, feature_vector, series_features
+from analysis.features import (
+    SERIES_FEATURES,
+    NoBodyError,
+    feature_vector,
+    series_features,
+)
 from analysis.types import ImageVolume
 
 REGIONS: tuple[str, ...] = ("head", "chest", "abdomen", "pelvis")
@@ -329,7 +334,7 @@ def check_sklearn_version(trained_with: str, *, allow_mismatch: bool = False) ->
         if not allow_mismatch:
             raise ModelVersionError(
                 f"{message}: pickles are not portable across minor versions. Retrain it "
-                "(python -m analysis.train_region --out DIR) or install "
+                "(python -m analysis.training.region --out DIR) or install "
                 f"scikit-learn=={trained_with}"
             )
         warnings.warn(f"{message}; loading anyway as asked", RuntimeWarning, stacklevel=3)

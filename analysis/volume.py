@@ -167,7 +167,7 @@ def _counts(counter: Counter[str]) -> str:
 def _with_transfer_syntax(i: int, ds: Dataset) -> Dataset:
     """A shallow copy to decode, so the caller's dataset keeps no cached pixel array.
 
-    In-memory datasets (``node.synthetic``, network receipts before writing) often
+    In-memory datasets (``analysis.phantoms.dicom_series``, network receipts before writing) often
     lack ``file_meta``; native pixel data decodes the same under any little endian
     syntax, whereas encapsulated data without its syntax cannot be decoded at all.
     """

@@ -33,8 +33,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.cnn import SHIPPED_CARD, SHIPPED_MODEL, SegmentationModel, quiet_tensorflow  # noqa: E402
-from analysis.phantom import PhantomSpec, make_phantom, phantom_affine  # noqa: E402
+from analysis.cnn import (  # noqa: E402
+    SHIPPED_CARD,
+    SHIPPED_MODEL,
+    SegmentationModel,
+    quiet_tensorflow,
+)
+from analysis.phantoms.trunk import PhantomSpec, make_phantom, phantom_affine  # noqa: E402
 from analysis.types import ImageVolume  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -47,7 +52,7 @@ def model_under_test(untrained: bool) -> tuple[Any, int, dict[str, Any]]:
     if untrained or not SHIPPED_MODEL.is_file():
         import tensorflow as tf
 
-        from analysis.unet import build_unet
+        from analysis.training.unet import build_unet
 
         model = build_unet(base_filters=12)
         run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)

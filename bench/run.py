@@ -43,8 +43,8 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.phantom import PhantomSpec, make_phantom  # noqa: E402
-from node.synthetic import write_ct_series  # noqa: E402
+from analysis.phantoms.dicom_series import write_ct_series  # noqa: E402
+from analysis.phantoms.trunk import PhantomSpec, make_phantom  # noqa: E402
 from tests.orthanc import free_ports, orthanc_config  # noqa: E402
 
 OUT = ROOT / "bench" / "out"

@@ -47,7 +47,7 @@ def prepare_database(engine: Engine, upgrade_empty: bool = True) -> None:
 
 
 def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
-    from node.scu import Peer
+    from node.dicom.scu import Peer
 
     host = args.host or ("127.0.0.1" if settings.node.host in ("0.0.0.0", "::") else settings.node.host)
     return Peer(
@@ -64,7 +64,7 @@ def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
 def _check_routes(settings: Settings) -> None:
     """Routes name pipelines that exist, and configured models load and fit their cards."""
     if settings.models:
-        from node.models import check_models
+        from node.workflow.ml_models import check_models
 
         check_models(settings)
     if not settings.routes:
@@ -76,8 +76,8 @@ def _check_routes(settings: Settings) -> None:
 
 def _start_analysis(settings: Settings, engine: Engine) -> tuple[Any, Any, Any]:
     """Jobs and deliveries left behind by a dead process resume; workers start."""
-    from node import delivery, jobs
-    from node.executor import make_executor
+    from node.workflow import delivery, jobs
+    from node.workflow.executor import make_executor
 
     requeued, failed = jobs.requeue_interrupted(engine, settings.jobs.max_attempts)
     if requeued or failed:
@@ -95,12 +95,12 @@ def _start_analysis(settings: Settings, engine: Engine) -> tuple[Any, Any, Any]:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from node.audit import AssociationLog
-    from node.index import InstanceIndex
-    from node.ingest import Ingestor
-    from node.scp import StorageSCP
-    from node.stability import StabilityMonitor
-    from node.storage import InstanceStore
+    from node.dicom.scp import StorageSCP
+    from node.ingest.associations import AssociationLog
+    from node.ingest.index import InstanceIndex
+    from node.ingest.ingestor import Ingestor
+    from node.ingest.storage import InstanceStore
+    from node.workflow.stability import StabilityMonitor
 
     _check_routes(settings)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
-    from node.scu import echo
+    from node.dicom.scu import echo
 
     peer = _peer_defaults(settings, args)
     try:
@@ -170,7 +170,7 @@ def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from node.scu import iter_files, send_files
+    from node.dicom.scu import iter_files, send_files
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
@@ -197,7 +197,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
-    from node.catalog import list_studies
+    from node.audit_queries import list_studies
 
     engine = _engine(settings)
     prepare_database(engine)
@@ -219,7 +219,7 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
-    from node.catalog import study_detail
+    from node.audit_queries import study_detail
 
     engine = _engine(settings)
     prepare_database(engine)
@@ -260,7 +260,7 @@ def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
-    from node.analyze import analyze_paths
+    from node.offline import analyze_paths
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
@@ -286,7 +286,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     if missing:
         raise CLIError(f"no such folder: {', '.join(missing)}")
     if args.task == "lungs":
-        from analysis.train_lungs import train_lungs
+        from analysis.training.lungs import train_lungs
 
         kwargs: dict[str, Any] = {"seed": args.seed, "real_folders": [Path(p) for p in args.real]}
         if args.epochs is not None:
@@ -296,7 +296,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         card = train_lungs(out, **kwargs)
         print(json.dumps({"model": str(out), "metrics": card.to_dict().get("metrics")}, indent=2))
         return 0
-    from analysis.train_region import train_region
+    from analysis.training.region import train_region
 
     real = []
     for item in args.real:

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-
-from analysis.types import DEFAULT_FINAL_MASK
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -30,6 +28,8 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from analysis.types import DEFAULT_FINAL_MASK
 
 CONFIG_ENV = "PACSNODE_CONFIG"
 ENV_PREFIX = "PACSNODE__"

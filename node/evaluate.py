@@ -144,9 +144,14 @@ def evaluate_paths(
 ) -> list[SeriesScore]:
     """Score every image series under ``paths`` that has a reference SEG or a region."""
     from analysis.pipeline import get_pipeline
-    from node.analyze import AnalysisRefused, load_series, pipeline_context, predict_region
-    from node.routing import facts_from_datasets, never_analysed
-    from node.scu import iter_files
+    from node.dicom.scu import iter_files
+    from node.workflow.analyze import (
+        AnalysisRefused,
+        load_series,
+        pipeline_context,
+        predict_region,
+    )
+    from node.workflow.routing import facts_from_datasets, never_analysed
 
     regions = _regions_for(regions or {})
     by_series: dict[str, list[Dataset]] = {}
@@ -217,7 +222,7 @@ def evaluate_volume(
     """Score one generated volume with its true masks (and region)."""
     from analysis.pipeline import get_pipeline
     from analysis.region import load_region_model
-    from node.analyze import pipeline_context
+    from node.workflow.analyze import pipeline_context
 
     chosen = get_pipeline(pipeline)
     result = chosen.run(volume, pipeline_context(chosen, settings, None))
@@ -240,10 +245,10 @@ def _truth(labels: np.ndarray) -> dict[str, np.ndarray]:
 def evaluate_synthetic(settings: Settings, count: int, seed: int = 0) -> list[SeriesScore]:
     """``count`` held-back phantoms per region, and ``count`` held-back volumes of the
     lung model's own generator (odd ones mirrored, to check left and right)."""
-    from analysis.phantom_regions import make_region_phantom, phantom_volume
+    from analysis.phantoms.regions import make_region_phantom, phantom_volume
     from analysis.region import REGIONS
-    from analysis.train_lungs import eval_volume
-    from analysis.train_region import phantom_seeds
+    from analysis.training.lungs import eval_volume
+    from analysis.training.region import phantom_seeds
 
     scores = []
     for region in REGIONS:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from analysis.phantom import PhantomSpec, make_phantom
-from node.synthetic import SeriesInfo, write_ct_series
+from analysis.phantoms.dicom_series import SeriesInfo, write_ct_series
+from analysis.phantoms.trunk import PhantomSpec, make_phantom
 
 PACSNODE = [sys.executable, "-m", "node.cli"]
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -246,3 +246,16 @@ def make_series(folder: Path, slices: int = 8, size: int = 64, **kwargs: Any) ->
 def ct_series(tmp_path: Path) -> SeriesInfo:
     """A small synthetic CT series (8 slices of 64x64) with fresh UIDs."""
     return make_series(tmp_path / "ct")
+
+
+def save_instance(ds: Any, path: Path) -> Path:
+    """Write a created instance as the node files its results: staged, fsync'ed, linked
+    into place and its folder fsync'ed (:class:`node.ingest.storage.InstanceStore`)."""
+    from pathlib import PurePosixPath
+
+    from node.ingest.storage import InstanceStore
+    from node.workflow.analyze import dataset_bytes
+
+    store = InstanceStore(path.parent)
+    store.publish(store.stage([dataset_bytes(ds)]), PurePosixPath(path.name))
+    return path

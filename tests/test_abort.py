@@ -15,9 +15,9 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.dsutils import encode
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, text
 

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from analysis import pipeline as pl
-from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT, PhantomSpec, make_phantom
+from analysis.phantoms.trunk import (
+    LABEL_LUNG_LEFT,
+    LABEL_LUNG_RIGHT,
+    PhantomSpec,
+    make_phantom,
+)
 from analysis.preview import COLOURS, render_overlay
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, ImageVolume
 

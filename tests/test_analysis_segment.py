@@ -11,7 +11,13 @@ import pytest
 
 from analysis import segment
 from analysis.filters import median_filter
-from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT, Phantom, PhantomSpec, make_phantom
+from analysis.phantoms.trunk import (
+    LABEL_LUNG_LEFT,
+    LABEL_LUNG_RIGHT,
+    Phantom,
+    PhantomSpec,
+    make_phantom,
+)
 from analysis.pipeline import get_pipeline
 from analysis.volume import volume_from_datasets
 from tests.conftest import SHARED_DATA

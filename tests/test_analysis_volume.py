@@ -10,9 +10,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from analysis.phantom import PhantomSpec, make_phantom
+from analysis.phantoms.dicom_series import ct_series_datasets
+from analysis.phantoms.trunk import PhantomSpec, make_phantom
 from analysis.volume import VolumeError, volume_from_datasets
-from node.synthetic import ct_series_datasets
 from tests.conftest import SHARED_DATA
 
 SPEC = PhantomSpec(slices=6, rows=32, columns=40, pixel_spacing_mm=1.5, slice_thickness_mm=2.5)

@@ -14,8 +14,8 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from analysis.phantom import PhantomSpec, make_phantom
-from node.synthetic import write_ct_series
+from analysis.phantoms.dicom_series import write_ct_series
+from analysis.phantoms.trunk import PhantomSpec, make_phantom
 from tests.conftest import SHARED_DATA, require_tool
 
 SPEC = PhantomSpec(slices=16, rows=96, columns=96, pixel_spacing_mm=4.0, seed=5)

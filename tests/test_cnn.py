@@ -14,9 +14,15 @@ import pytest
 from analysis import cnn
 from analysis.cnn import ModelLoadError, SegmentationModel, cnn_masks
 from analysis.model_card import Code, ModelCard, ModelCardError, OutputLabel
-from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT, PhantomSpec, make_phantom, phantom_affine
+from analysis.phantoms.trunk import (
+    LABEL_LUNG_LEFT,
+    LABEL_LUNG_RIGHT,
+    PhantomSpec,
+    make_phantom,
+    phantom_affine,
+)
 from analysis.slice_grid import NotAxialError
-from analysis.train_lungs import train_lungs
+from analysis.training.lungs import train_lungs
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, ImageVolume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,7 +334,7 @@ def test_shipped_model_keeps_stomach_gas_beside_the_lung_bases_out_of_the_lungs(
 
 
 def test_importing_the_analysis_modules_does_not_import_tensorflow():
-    code = ("import sys, analysis.cnn, analysis.model_card, analysis.train_lungs, analysis.unet, "
-            "analysis.lung_data; print('tensorflow' in sys.modules)")
+    code = ("import sys, analysis.cnn, analysis.model_card, analysis.training.lungs, analysis.training.unet, "
+            "analysis.training.lung_data; print('tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -10,7 +10,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
 
-from node.codec import Command, decode_command, file_meta_group, store_response
+from node.dicom.codec import Command, decode_command, file_meta_group, store_response
 
 UIDS = [
     ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"),  # even lengths

@@ -35,7 +35,13 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from tests.conftest import NodeProcess, dcmtk_env, free_port, require_tool, wait_for_port
+from tests.conftest import (
+    NodeProcess,
+    dcmtk_env,
+    free_port,
+    require_tool,
+    wait_for_port,
+)
 
 # storescu option that proposes each transfer syntax (plus the uncompressed ones).
 STORESCU_OPTION = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 
 from tests.conftest import NodeProcess, dcmtk_env, require_tool

@@ -7,12 +7,12 @@ from pathlib import Path
 from sqlalchemy import text
 
 from db.migrate import upgrade
-from db.models import utcnow
 from db.session import make_engine
-from node.audit import AssociationLog
-from node.header import InstanceHeader
-from node.index import InstanceIndex
-from node.storage import InstanceStore
+from db.tables import utcnow
+from node.ingest.associations import AssociationLog
+from node.ingest.header import InstanceHeader
+from node.ingest.index import InstanceIndex
+from node.ingest.storage import InstanceStore
 
 
 def _header(sop: str) -> InstanceHeader:

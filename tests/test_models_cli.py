@@ -12,15 +12,14 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
-import pytest
 import yaml
 
 from analysis import cnn
 from analysis.model_card import ModelCard
-from analysis.phantom_regions import make_region_phantom
-from node.results import AlgorithmInfo, EncoderIdentity, build_segmentation, write_dataset
-from node.synthetic import write_ct_series
-from tests.conftest import require_tool
+from analysis.phantoms.dicom_series import write_ct_series
+from analysis.phantoms.regions import make_region_phantom
+from node.results import AlgorithmInfo, EncoderIdentity, build_segmentation
+from tests.conftest import require_tool, save_instance
 
 ANATOMY = {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
@@ -167,7 +166,7 @@ def test_evaluate_against_a_reference_seg_and_region_labels(tmp_path: Path) -> N
     seg = build_segmentation(sources, masks, algorithm=AlgorithmInfo("reference", "1"),
                              identity=EncoderIdentity.for_node("REF"), series_number=50,
                              series_description="reference")
-    write_dataset(seg, tmp_path / "data" / "reference-seg.dcm")
+    save_instance(seg, tmp_path / "data" / "reference-seg.dcm")
     result = pacsnode("evaluate", str(tmp_path / "data"), "--region",
                       f"chest={tmp_path / 'data'}", "--json")
     assert result.returncode == 0, result.stderr

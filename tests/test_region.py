@@ -19,8 +19,7 @@ from analysis.features import (
     segment_features,
     series_features,
 )
-from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT
-from analysis.phantom_regions import (
+from analysis.phantoms.regions import (
     LABEL_BLADDER,
     LABEL_BONE,
     LABEL_BRAIN,
@@ -29,6 +28,7 @@ from analysis.phantom_regions import (
     make_region_phantom,
     phantom_volume,
 )
+from analysis.phantoms.trunk import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT
 from analysis.region import (
     DEFAULT_MODEL_DIR,
     OTHER,
@@ -40,7 +40,7 @@ from analysis.region import (
     body_part_contradiction,
     load_region_model,
 )
-from analysis.train_region import (
+from analysis.training.region import (
     DEFAULT_PER_REGION,
     UNSEEN_SEEDS_START,
     load_series,
@@ -240,7 +240,7 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
 def test_training_command_with_real_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.synthetic import write_ct_series
+    from analysis.phantoms.dicom_series import write_ct_series
 
     write_ct_series(
         make_region_phantom("pelvis", UNSEEN_SEEDS_START, matrix=128, slices=3), tmp_path / "dicom"
@@ -281,7 +281,7 @@ def test_training_command_with_real_folder(
 def test_shipped_model_matches_the_default_command(shipped: RegionModel) -> None:
     card = shipped.card
     assert card["training_data"]["command"] == (
-        "python -m analysis.train_region --out DIR --classifier rf "
+        "python -m analysis.training.region --out DIR --classifier rf "
         f"--per-region {DEFAULT_PER_REGION} --seed 0"
     )
     assert card["training_data"]["real"] == []
@@ -291,7 +291,7 @@ def test_shipped_model_matches_the_default_command(shipped: RegionModel) -> None
 
 def test_shipped_model_was_trained_on_what_this_code_generates(shipped: RegionModel) -> None:
     """Phantoms and features as they were when the shipped model was trained: if this
-    fails, retrain it (python -m analysis.train_region --out analysis/models/region)."""
+    fails, retrain it (python -m analysis.training.region --out analysis/models/region)."""
     for region, reference in shipped.card["training_data"]["synthetic"]["reference"].items():
         row = phantom_features(region, reference["seed"])
         assert np.allclose(row, reference["features"], rtol=1e-4, atol=1e-6), region

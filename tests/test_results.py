@@ -16,13 +16,17 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT, PhantomSpec, make_phantom
+from analysis.phantoms.dicom_series import ct_series_datasets
+from analysis.phantoms.trunk import (
+    LABEL_LUNG_LEFT,
+    LABEL_LUNG_RIGHT,
+    PhantomSpec,
+    make_phantom,
+)
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, SegmentMeasurement
 from node import __version__
 from node.results import (
-    DICE_VS_CLASSICAL,
-    PROBABILITY,
-    TARGET_REGION,
+    DEFAULT_STRUCTURES,
     AlgorithmFamily,
     AlgorithmInfo,
     EncoderIdentity,
@@ -31,11 +35,9 @@ from node.results import (
     build_measurement_report,
     build_segmentation,
     prepare_sources,
-    structure_for,
-    write_dataset,
 )
-from node.synthetic import ct_series_datasets
-from tests.conftest import SHARED_DATA, require_tool
+from node.results.sr import DICE_VS_CLASSICAL, PROBABILITY, TARGET_REGION
+from tests.conftest import SHARED_DATA, require_tool, save_instance
 
 ALGORITHM = AlgorithmInfo(
     name="Lung threshold", version="1.2.3", family=AlgorithmFamily.HISTOGRAM_ANALYSIS,
@@ -93,8 +95,8 @@ def build_and_write(
     sr = build_measurement_report(seg, sources, measurements_for(masks), algorithm=ALGORITHM,
                                   identity=IDENTITY, series_number=902,
                                   series_description="pacsnode lung measurements")
-    seg_path = write_dataset(seg, tmp_path / "seg.dcm")
-    sr_path = write_dataset(sr, tmp_path / "sr.dcm")
+    seg_path = save_instance(seg, tmp_path / "seg.dcm")
+    sr_path = save_instance(sr, tmp_path / "sr.dcm")
     return seg, sr, seg_path, sr_path
 
 
@@ -138,7 +140,7 @@ def test_segmentation_round_trip_with_shuffled_sources(tmp_path: Path, phantom_s
     seg = build_segmentation(sources, shuffled, algorithm=ALGORITHM, identity=IDENTITY,
                              series_number=901, series_description="pacsnode lungs",
                              instance_number=3)
-    path = write_dataset(seg, tmp_path / "seg.dcm")
+    path = save_instance(seg, tmp_path / "seg.dcm")
     back = hd.seg.segread(path)
 
     # Identity of the new instance and what it copies from the sources.
@@ -209,7 +211,7 @@ def test_segmentation_in_jpeg2000_lossless(tmp_path: Path, phantom_series) -> No
     seg = build_segmentation(datasets, masks, algorithm=ALGORITHM, identity=IDENTITY,
                              series_number=5, series_description="x",
                              transfer_syntax_uid=JPEG2000Lossless)
-    path = write_dataset(seg, tmp_path / "seg.dcm")
+    path = save_instance(seg, tmp_path / "seg.dcm")
     back = hd.seg.segread(path)
     assert back.file_meta.TransferSyntaxUID == JPEG2000Lossless
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
@@ -268,9 +270,9 @@ def test_segmentation_refuses_bad_input(phantom_series) -> None:
 
 
 def test_structure_table_and_identity() -> None:
-    assert structure_for(LUNG_RIGHT).display_label == "Right lung"
+    assert DEFAULT_STRUCTURES[LUNG_RIGHT].display_label == "Right lung"
     with pytest.raises(UnknownStructureError, match="known labels: body, lung_left, lung_right"):
-        structure_for("Lung_Left")
+        DEFAULT_STRUCTURES["Lung_Left"]
     # The device UID is derived, so every restart of a node reports the same one.
     assert EncoderIdentity("PACSNODE").device_uid == EncoderIdentity("PACSNODE").device_uid
     assert EncoderIdentity("PACSNODE").device_uid != EncoderIdentity("OTHERNODE").device_uid
@@ -415,7 +417,7 @@ def test_report_qualitative_evaluations(tmp_path: Path, phantom_series) -> None:
     sr = build_measurement_report(seg, datasets, measurements_for(masks), algorithm=ALGORITHM,
                                   identity=IDENTITY, series_number=6, series_description="y",
                                   qualitative={LUNG_RIGHT: [evaluation]})
-    _, groups = read_groups(write_dataset(sr, tmp_path / "sr.dcm"))
+    _, groups = read_groups(save_instance(sr, tmp_path / "sr.dcm"))
     assert [len(g.get_qualitative_evaluations()) for g in groups] == [0, 0, 1]
     assert groups[2].get_qualitative_evaluations()[0].value == codes.SCT.Absent
 
@@ -431,7 +433,7 @@ def test_report_agreement_and_region(tmp_path: Path, phantom_series) -> None:
         seg, datasets, measurements_for(masks), algorithm=ALGORITHM, identity=IDENTITY,
         series_number=6, series_description="y", agreement={LUNG_LEFT: 0.93, LUNG_RIGHT: 0.91},
         region=RegionFinding("chest", 0.87), region_algorithm=classifier)
-    path = write_dataset(sr, tmp_path / "sr.dcm")
+    path = save_instance(sr, tmp_path / "sr.dcm")
     # Only the private coding scheme is unknown to dciodvfy (declared in the SR's
     # Coding Scheme Identification Sequence, as PS3.3 C.12.1.1.2.1 asks).
     assert all("99PACSNODE" in line for line in dciodvfy_clean(path))

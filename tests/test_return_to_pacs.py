@@ -21,8 +21,13 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from analysis.phantom import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT, PhantomSpec, make_phantom
-from node.synthetic import SeriesInfo, write_ct_series
+from analysis.phantoms.dicom_series import SeriesInfo, write_ct_series
+from analysis.phantoms.trunk import (
+    LABEL_LUNG_LEFT,
+    LABEL_LUNG_RIGHT,
+    PhantomSpec,
+    make_phantom,
+)
 from tests.conftest import NodeProcess, require_tool
 from tests.orthanc import Orthanc, free_ports
 

@@ -6,7 +6,12 @@ import pytest
 from pydicom import Dataset
 
 from node.config import DEFAULT_ROUTES, ConfigError, Route, Settings, load_settings
-from node.routing import SeriesFacts, choose_route, facts_from_datasets, is_image_sop_class
+from node.workflow.routing import (
+    SeriesFacts,
+    choose_route,
+    facts_from_datasets,
+    is_image_sop_class,
+)
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from db.migrate import upgrade
-from db.models import utcnow
 from db.session import make_engine
-from node.header import InstanceHeader
-from node.index import InstanceIndex
-from node.stability import mark_stable
+from db.tables import utcnow
+from node.ingest.header import InstanceHeader
+from node.ingest.index import InstanceIndex
+from node.workflow.stability import mark_stable
 from tests.conftest import NodeProcess, make_series, require_tool
-
 
 #: Where a stable study goes without routes: its series are skipped and it is analyzed.
 AFTER_STABLE = [("receiving", "stable"), ("stable", "processing"), ("processing", "analyzed")]

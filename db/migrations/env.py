@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from db.models import Base
+from db.tables import Base
 
 engine = context.config.attributes["engine"]
 with engine.connect() as connection:

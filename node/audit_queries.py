@@ -1,0 +1,248 @@
+"""What the node holds, as plain data for the CLI (and later the REST API)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from db.tables import (
+    AssociationRecord,
+    Delivery,
+    Instance,
+    Job,
+    Patient,
+    Result,
+    Series,
+    Study,
+    StudyEvent,
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+@contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    """A session that reads without taking SQLite's write lock."""
+    with engine.connect() as conn:
+        with Session(bind=conn.execution_options(readonly=True)) as session:
+            yield session
+
+
+def _series_rows(conn: Any, study_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    rows = conn.execute(
+        select(
+            Series.study_fk,
+            Series.series_instance_uid,
+            Series.modality,
+            Series.series_number,
+            Series.series_description,
+            Series.body_part_examined,
+            func.count(Instance.id),
+        )
+        .join(Instance, Instance.series_fk == Series.id, isouter=True)
+        .where(Series.study_fk.in_(study_ids))
+        .group_by(Series.id)
+        .order_by(Series.series_number, Series.id)
+    ).all()
+    by_study: dict[int, list[dict[str, Any]]] = {}
+    for study_fk, uid, modality, number, description, body_part, count in rows:
+        by_study.setdefault(study_fk, []).append(
+            {
+                "series_instance_uid": uid,
+                "modality": modality,
+                "series_number": number,
+                "series_description": description,
+                "body_part_examined": body_part,
+                "instances": int(count),
+            }
+        )
+    return by_study
+
+
+def _study_dict(study: Study, patient: Patient, series: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": patient.patient_id,
+        "patient_name": patient.patient_name,
+        "study_date": study.study_date,
+        "accession_number": study.accession_number,
+        "study_description": study.study_description,
+        "status": study.status,
+        "instances": sum(item["instances"] for item in series),
+        "series": series,
+        "received_at": _iso(study.received_at),
+        "last_received_at": _iso(study.last_received_at),
+        "stable_at": _iso(study.stable_at),
+    }
+
+
+def _results_summary(conn: Any, study_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Per study: jobs by status, DICOM results produced, deliveries by status."""
+    summary: dict[int, dict[str, Any]] = {
+        study_id: {"jobs": {}, "results": 0, "deliveries": {}} for study_id in study_ids
+    }
+    for study_id, status, count in conn.execute(
+        select(Job.study_fk, Job.status, func.count()).where(Job.study_fk.in_(study_ids))
+        .group_by(Job.study_fk, Job.status)
+    ).all():
+        summary[study_id]["jobs"][status] = int(count)
+    for study_id, count in conn.execute(
+        select(Job.study_fk, func.count(Result.id)).join(Result, Result.job_fk == Job.id)
+        .where(Job.study_fk.in_(study_ids)).where(Result.sop_instance_uid.is_not(None))
+        .group_by(Job.study_fk)
+    ).all():
+        summary[study_id]["results"] = int(count)
+    for study_id, status, count in conn.execute(
+        select(Job.study_fk, Delivery.status, func.count())
+        .join(Result, Result.job_fk == Job.id).join(Delivery, Delivery.result_fk == Result.id)
+        .where(Job.study_fk.in_(study_ids)).group_by(Job.study_fk, Delivery.status)
+    ).all():
+        summary[study_id]["deliveries"][status] = int(count)
+    return summary
+
+
+def list_studies(engine: Engine) -> list[dict[str, Any]]:
+    """Every study, newest first, with its series, instance counts and results."""
+    with read_session(engine) as conn:
+        pairs = conn.execute(
+            select(Study, Patient)
+            .join(Patient, Study.patient_fk == Patient.id)
+            .order_by(Study.received_at.desc(), Study.id.desc())
+        ).all()
+        ids = [study.id for study, _ in pairs]
+        series = _series_rows(conn, ids)
+        results = _results_summary(conn, ids)
+    studies = []
+    for study, patient in pairs:
+        item = _study_dict(study, patient, series.get(study.id, []))
+        item["results"] = results[study.id]
+        studies.append(item)
+    return studies
+
+
+def _deliveries(conn: Any, result_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    by_result: dict[int, list[dict[str, Any]]] = {}
+    for item in conn.execute(
+        select(Delivery).where(Delivery.result_fk.in_(result_ids)).order_by(Delivery.id)
+    ).scalars():
+        by_result.setdefault(item.result_fk, []).append({
+            "destination": item.destination,
+            "status": item.status,
+            "attempts": item.attempts,
+            "last_error": item.last_error,
+            "last_attempt_at": _iso(item.last_attempt_at),
+            "next_attempt_at": _iso(item.next_attempt_at) if item.status == "pending" else None,
+            "sent_at": _iso(item.sent_at),
+        })
+    return by_result
+
+
+def _jobs_by_series(conn: Any, study_id: int) -> dict[int, list[dict[str, Any]]]:
+    """The audit trail of each series: route, pipeline, job, results, deliveries."""
+    jobs = conn.execute(
+        select(Job).where(Job.study_fk == study_id).order_by(Job.id)
+    ).scalars().all()
+    results = conn.execute(
+        select(Result).where(Result.job_fk.in_([job.id for job in jobs])).order_by(Result.id)
+    ).scalars().all()
+    deliveries = _deliveries(conn, [result.id for result in results])
+    by_job: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        by_job.setdefault(result.job_fk, []).append({
+            "kind": result.kind,
+            "sop_class_uid": result.sop_class_uid,
+            "sop_instance_uid": result.sop_instance_uid,
+            "series_instance_uid": result.series_instance_uid,
+            "file": result.file_path,
+            "deliveries": deliveries.get(result.id, []),
+        })
+    by_series: dict[int, list[dict[str, Any]]] = {}
+    for job in jobs:
+        by_series.setdefault(job.series_fk, []).append({
+            "job_id": job.id,
+            "route": job.route,
+            "pipeline": job.pipeline,
+            "status": job.status,
+            "reason": job.reason,
+            "attempt": job.attempt,
+            "instances": job.instances,
+            "queued_at": _iso(job.queued_at),
+            "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
+            "timings_s": json.loads(job.timings or "{}"),
+            "results": by_job.get(job.id, []),
+        })
+    return by_series
+
+
+def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
+    """One study with its state history and the associations that delivered it."""
+    with read_session(engine) as conn:
+        pair = conn.execute(
+            select(Study, Patient)
+            .join(Patient, Study.patient_fk == Patient.id)
+            .where(Study.study_instance_uid == study_uid)
+        ).first()
+        if pair is None:
+            return None
+        study, patient = pair
+        detail = _study_dict(study, patient, _series_rows(conn, [study.id]).get(study.id, []))
+        detail["results"] = _results_summary(conn, [study.id])[study.id]
+        series_ids = dict(conn.execute(
+            select(Series.series_instance_uid, Series.id).where(Series.study_fk == study.id)
+        ).all())
+        jobs = _jobs_by_series(conn, study.id)
+        for series in detail["series"]:
+            history = jobs.get(series_ids[series["series_instance_uid"]], [])
+            series["jobs"] = history
+            # The latest job is the series' current state; earlier ones stay for audit.
+            series["analysis"] = history[-1] if history else None
+        detail["patient"] = {
+            "patient_id": patient.patient_id,
+            "issuer": patient.issuer,
+            "patient_name": patient.patient_name,
+            "birth_date": patient.birth_date,
+            "sex": patient.sex,
+        }
+        events = conn.execute(
+            select(StudyEvent).where(StudyEvent.study_fk == study.id).order_by(StudyEvent.id)
+        ).scalars()
+        detail["events"] = [
+            {
+                "from": event.from_status,
+                "to": event.to_status,
+                "at": _iso(event.at),
+                "reason": event.reason,
+            }
+            for event in events
+        ]
+        senders = conn.execute(
+            select(AssociationRecord, func.count(Instance.id))
+            .join(Instance, Instance.association_fk == AssociationRecord.id)
+            .join(Series, Instance.series_fk == Series.id)
+            .where(Series.study_fk == study.id)
+            .group_by(AssociationRecord.id)
+            .order_by(AssociationRecord.id)
+        ).all()
+        detail["associations"] = [
+            {
+                "id": record.id,
+                "calling_ae": record.calling_ae,
+                "called_ae": record.called_ae,
+                "peer": f"{record.peer_host}:{record.peer_port}",
+                "started_at": _iso(record.started_at),
+                "ended_at": _iso(record.ended_at),
+                "outcome": record.outcome,
+                "instances_of_this_study": int(count),
+            }
+            for record, count in senders
+        ]
+    return detail

@@ -1,0 +1,227 @@
+"""The DICOM listener: C-ECHO and C-STORE over pynetdicom.
+
+Handlers are thin: they translate pynetdicom events into calls on the
+:class:`~node.ingest.ingestor.Ingestor` and the :class:`~node.ingest.associations.AssociationLog`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.tables import AssociationOutcome
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.config import NodeConfig
+from node.dicom.codec import Command
+from node.dicom.reactor import FastRequestHandler
+from node.ingest.associations import AssociationLog
+from node.ingest.ingestor import Incoming, Ingestor, StoreRequest, StoreResult
+
+log = logging.getLogger(__name__)
+
+# Per-association state kept on the Association object itself: pynetdicom runs each
+# association in its own thread and drops the object when it ends.
+_ASSOC_ID = "_pacsnode_association_id"
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm: without it each small DIMSE response waits ~40 ms."""
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def make_ae(config: NodeConfig) -> AE:
+    """An AE accepting Verification and every storage SOP class in every transfer syntax
+    pynetdicom knows (uncompressed, deflate, RLE, JPEG, JPEG-LS, JPEG 2000, HTJ2K)."""
+    ae = AE(ae_title=config.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.require_called_aet = True
+    ae.maximum_pdu_size = config.max_pdu
+    ae.maximum_associations = config.max_associations
+    ae.network_timeout = config.network_timeout_s
+    ae.acse_timeout = config.network_timeout_s
+    ae.dimse_timeout = config.network_timeout_s
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+class StorageSCP:
+    """Binds the event handlers and runs the listener in background threads."""
+
+    def __init__(self, config: NodeConfig, ingestor: Ingestor, audit: AssociationLog) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self.audit = audit
+        self.ae = make_ae(config)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def start(self) -> tuple[str, int]:
+        """Start listening; returns the bound (host, port)."""
+        address = (self.config.host, self.config.port)
+        server = self.ae.make_server(
+            address,
+            evt_handlers=self.handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=FastRequestHandler,
+        )
+        set_nodelay(server.socket)
+        server.on_association_end = self._on_end  # type: ignore[attr-defined]
+        server.fast_store_handler = self._fast_store  # type: ignore[attr-defined]
+        self._server = server
+        self.ae._servers.append(server)
+        threading.Thread(
+            target=server.serve_forever, name="dicom-listener", daemon=True
+        ).start()
+        host, port = server.server_address[:2]
+        log.info("listening as %s on %s:%s", self.config.ae_title, host, port)
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        self.ae.shutdown()
+
+    # -- handlers -------------------------------------------------------------
+
+    @staticmethod
+    def _on_connect(event: evt.Event) -> None:
+        set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Record the association before it is accepted: the direct C-STORE path may
+        serve its first request as soon as the A-ASSOCIATE-AC is out."""
+        assoc = event.assoc
+        requestor = assoc.requestor
+        primitive = requestor.primitive
+        # Not yet copied to requestor.ae_title at this point: read the request itself.
+        calling = str(primitive.calling_ae_title).strip() if primitive else ""
+        called = str(primitive.called_ae_title).strip() if primitive else ""
+        try:
+            row = self.audit.open(calling, called, requestor.address, requestor.port)
+        except SQLAlchemyError:
+            log.exception("could not record association from %s", calling)
+            row = None
+        setattr(assoc, _ASSOC_ID, row)
+        log.info("association %s from %s (%s:%s)", row, calling, requestor.address, requestor.port)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        called = requestor.primitive.called_ae_title if requestor.primitive else ""
+        log.warning(
+            "rejected association from %s (%s) calling %r", requestor.ae_title, requestor.address, called
+        )
+        row = getattr(assoc, _ASSOC_ID, None)
+        setattr(assoc, _ASSOC_ID, None)
+        if row is not None:
+            try:
+                self.audit.close(row, AssociationOutcome.REJECTED)
+            except SQLAlchemyError:
+                log.exception("could not record rejected association")
+
+    @staticmethod
+    def _on_echo(event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        """C-STOREs that pynetdicom delivers (those the direct path passed on)."""
+        request = event.request
+        status, comment = self._store(
+            event.assoc,
+            str(event.context.transfer_syntax),
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            request.DataSet.getbuffer(),  # type: ignore[union-attr]
+        )
+        response = Dataset()
+        response.Status = status
+        if comment:
+            response.ErrorComment = comment
+        return response
+
+    def _fast_store(self, assoc: Association, transfer_syntax: str, command: Command) -> _FastIncoming:
+        """C-STOREs taken by the direct path in node/fast_store.py."""
+        return _FastIncoming(
+            self.ingestor.begin(
+                self._request(
+                    assoc,
+                    transfer_syntax,
+                    command.affected_sop_class_uid,
+                    command.affected_sop_instance_uid,
+                )
+            )
+        )
+
+    def _store(
+        self,
+        assoc: Association,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        dataset: bytes | memoryview,
+    ) -> tuple[int, str]:
+        request = self._request(assoc, transfer_syntax, sop_class_uid, sop_instance_uid)
+        return _answer(self.ingestor.receive(request, dataset))
+
+    @staticmethod
+    def _request(
+        assoc: Association, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
+    ) -> StoreRequest:
+        return StoreRequest(
+            transfer_syntax=transfer_syntax,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            calling_ae=assoc.requestor.ae_title,
+            association_id=getattr(assoc, _ASSOC_ID, None),
+        )
+
+    def _on_end(self, assoc: Association) -> None:
+        row = getattr(assoc, _ASSOC_ID, None)
+        if row is None:
+            return
+        if assoc.is_released:
+            outcome = AssociationOutcome.RELEASED
+        elif assoc.is_aborted:
+            outcome = AssociationOutcome.ABORTED
+        else:
+            outcome = AssociationOutcome.CLOSED
+        try:
+            self.audit.close(row, outcome)
+        except SQLAlchemyError:
+            log.exception("could not close association record %s", row)
+
+
+def _answer(result: StoreResult) -> tuple[int, str]:
+    return int(result.status), result.error_comment if result.status.is_failure else ""
+
+
+class _FastIncoming:
+    """Adapts :class:`~node.ingest.ingestor.Incoming` to what node/fast_store.py expects."""
+
+    def __init__(self, incoming: Incoming) -> None:
+        self._incoming = incoming
+        self.write = incoming.write
+        self.abort = incoming.abort
+
+    def finish(self) -> tuple[int, str]:
+        return _answer(self._incoming.finish())

@@ -1,0 +1,215 @@
+"""DICOM client side: C-ECHO and C-STORE of files to a peer (a PACS, or this node).
+
+Files are sent as they are on disk (pynetdicom reads the encoded dataset without
+decoding it), so the receiver gets the same bytes in the same transfer syntax.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import MediaStorageDirectoryStorage
+from pynetdicom import AE, _config, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+# Send files as their encoded bytes, never decoded and re-encoded by pydicom; this
+# needs a presentation context in exactly the file's transfer syntax (proposed below).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+# A requestor may propose at most 128 presentation contexts (PS3.8 9.3.2.2: odd IDs 1-255).
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    ae_title: str
+    calling_ae: str = "PACSNODE_SCU"
+
+
+@dataclass(frozen=True)
+class SendFailure:
+    path: str
+    reason: str
+
+
+@dataclass
+class SendSummary:
+    sent: int = 0
+    failures: list[SendFailure] = field(default_factory=list)
+    #: DICOMDIR index files: part of a DICOM folder, not instances to send.
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _client_ae(peer: Peer) -> AE:
+    ae = AE(ae_title=peer.calling_ae)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    return ae
+
+
+def echo(peer: Peer) -> int:
+    """C-ECHO the peer; returns the DIMSE status, raises ConnectionError if unreachable."""
+    ae = _client_ae(peer)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise ConnectionError(_refusal(peer, assoc))
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise ConnectionError(f"no C-ECHO response from {peer.ae_title}@{peer.host}:{peer.port}")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files under the given files and folders, in a stable order."""
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+def _inspect(path: Path) -> _Item:
+    dataset = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    meta = dataset.file_meta
+    sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or dataset.get("SOPClassUID", ""))
+    transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if not sop_class or not transfer_syntax:
+        raise InvalidDicomError("no SOP Class UID or Transfer Syntax UID in its file meta")
+    return _Item(path, sop_class, transfer_syntax)
+
+
+def send_files(
+    paths: Iterable[str | Path],
+    peer: Peer,
+    progress: Callable[[Path, bool], None] | None = None,
+) -> SendSummary:
+    """C-STORE every DICOM file under ``paths`` to ``peer``.
+
+    Files that are not DICOM Part 10 files, and instances the peer refuses, are
+    reported in the summary with the reason; they never stop the rest.
+    """
+    summary = SendSummary()
+    items: list[_Item] = []
+    for path in iter_files(paths):
+        try:
+            item = _inspect(path)
+            if item.sop_class_uid == MediaStorageDirectoryStorage:
+                summary.skipped.append(str(path))
+                if progress:
+                    progress(path, True)
+                continue
+            items.append(item)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            summary.failures.append(SendFailure(str(path), f"not a readable DICOM file: {exc}"))
+            if progress:
+                progress(path, False)
+    for batch in _batches(items):
+        _send_batch(batch, peer, summary, progress)
+    return summary
+
+
+def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
+    """Split items so each association needs at most 128 presentation contexts
+    (one per SOP class and transfer syntax)."""
+    by_context: dict[tuple[str, str], list[_Item]] = {}
+    for item in items:
+        by_context.setdefault((item.sop_class_uid, item.transfer_syntax), []).append(item)
+    keys = list(by_context)
+    for start in range(0, len(keys), _MAX_CONTEXTS):
+        yield [item for key in keys[start : start + _MAX_CONTEXTS] for item in by_context[key]]
+
+
+def _send_batch(
+    items: list[_Item],
+    peer: Peer,
+    summary: SendSummary,
+    progress: Callable[[Path, bool], None] | None,
+) -> None:
+    ae = _client_ae(peer)
+    # One context per (SOP class, transfer syntax) with that syntax alone: an
+    # acceptor offered several syntaxes in one context picks its own preference,
+    # and the file would have to be re-encoded (or could not be sent at all).
+    pairs = dict.fromkeys((item.sop_class_uid, item.transfer_syntax) for item in items)
+    ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
+
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        reason = _refusal(peer, assoc)
+        for item in items:
+            summary.failures.append(SendFailure(str(item.path), reason))
+            if progress:
+                progress(item.path, False)
+        return
+    try:
+        for position, item in enumerate(items):
+            ok, reason = _store_one(assoc, item)
+            if ok:
+                summary.sent += 1
+            else:
+                summary.failures.append(SendFailure(str(item.path), reason))
+            if progress:
+                progress(item.path, ok)
+            if not assoc.is_established:
+                reason = "association ended by the peer"
+                for rest in items[position + 1 :]:
+                    summary.failures.append(SendFailure(str(rest.path), reason))
+                    if progress:
+                        progress(rest.path, False)
+                return
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _store_one(assoc: object, item: _Item) -> tuple[bool, str]:
+    try:
+        status = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
+    except Exception as exc:  # pynetdicom raises several types for unsendable files
+        return False, str(exc).splitlines()[0]
+    if not status:
+        return False, "no response (connection lost, or timed out)"
+    code = int(status.Status)
+    # 0xB000, 0xB007, 0xB006 are warnings: the peer stored the instance.
+    if code == 0x0000 or code in (0xB000, 0xB006, 0xB007):
+        return True, ""
+    comment = status.get("ErrorComment", "")
+    return False, f"status 0x{code:04X}{': ' + str(comment) if comment else ''}"
+
+
+def _refusal(peer: Peer, assoc: object) -> str:
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if getattr(assoc, "is_rejected", False):
+        return f"association rejected by {where} (check the called AE title)"
+    return f"cannot connect to {where} (connection refused, or the association request aborted)"

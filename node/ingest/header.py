@@ -1,0 +1,236 @@
+"""Read the attributes the node indexes from a received dataset.
+
+The SCP receives the dataset encoded in the negotiated transfer syntax. We keep those
+bytes as they are (the stored file is byte-exact) and only read it here: pydicom keeps
+element values raw until asked, and only the indexed ones are converted.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+
+from node.dicom.status import StoreStatus
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class HeaderError(Exception):
+    """A received dataset the node cannot accept; carries the DIMSE status to answer."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The identifying and descriptive attributes of one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_description: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    instance_number: int | None
+
+
+_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "InstanceNumber",
+)
+# Only these are converted from raw bytes: this runs once per received instance.
+_TAG_OF = {keyword: tag_for_keyword(keyword) for keyword in _KEYWORDS}
+_VR_OF = {keyword: dictionary_VR(tag) for keyword, tag in _TAG_OF.items()}
+_ASCII_VRS = frozenset({"UI", "CS", "DA", "TM", "IS", "DS"})
+
+
+def inflate(raw: bytes) -> bytes:
+    """Undo the deflate encoding of a dataset (Deflated Explicit VR Little Endian and
+    the JPIP Referenced Deflate syntaxes): a raw deflate stream."""
+    return zlib.decompress(raw, -zlib.MAX_WBITS)
+
+
+def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
+    """Parse the dataset's element structure; values stay raw until read.
+
+    A garbled or truncated encoding (including short Pixel Data) fails here.
+
+    Raises
+    ------
+    HeaderError
+        With status *cannot understand* when the bytes are not a DICOM dataset.
+    """
+    ts = UID(transfer_syntax)
+    try:
+        data = inflate(raw) if ts.is_deflated else raw
+        dataset = read_dataset(
+            BytesIO(data), is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian
+        )
+    except Exception as exc:  # pydicom raises many types on garbage input
+        raise HeaderError(
+            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
+        ) from exc
+    _check_lengths(dataset)
+    return dataset
+
+
+#: Tags from here on (Pixel Data and its kin) come after every attribute we index.
+_PIXEL_GROUP = 0x7FE00000
+
+
+def parse_prefix(raw: bytes | memoryview, transfer_syntax: str) -> tuple[Dataset, int] | None:
+    """Parse the elements before Pixel Data from the first bytes of a dataset.
+
+    Returns the dataset (values raw) and the size the whole dataset will have if Pixel
+    Data is its last element with a defined length (else ``-1``); ``None`` while the
+    bytes do not yet reach Pixel Data, or for a syntax that needs the whole stream
+    (deflate). Nothing is refused here: :func:`parse_header` on the whole dataset does
+    that, so a prefix that does not parse just means "wait".
+    """
+    ts = UID(transfer_syntax)
+    if ts.is_deflated:
+        return None
+    buffer = BytesIO(raw)
+    ends: list[int] = []
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        if tag < _PIXEL_GROUP:
+            return False
+        ends.append(-1 if length == _UNDEFINED_LENGTH else buffer.tell() + length)
+        return True
+
+    try:
+        dataset = read_dataset(buffer, is_implicit_VR=ts.is_implicit_VR,
+                               is_little_endian=ts.is_little_endian, stop_when=at_pixels)
+        _check_lengths(dataset)
+    except Exception:  # incomplete or garbled: the whole dataset will tell
+        return None
+    if not ends:
+        return None
+    return dataset, ends[0]
+
+
+def _check_lengths(dataset: Dataset) -> None:
+    """Refuse a dataset whose top-level element runs past the end of the data.
+
+    pydicom hands back a short value without complaint when the bytes end early;
+    values stay raw (unconverted) here, so this costs one comparison per element.
+    """
+    for elem in dataset.elements():
+        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
+            if elem.value is not None and len(elem.value) != elem.length:
+                raise HeaderError(
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    f"element {elem.tag} is truncated ({len(elem.value)} of {elem.length} bytes)",
+                )
+
+
+def _value(dataset: Dataset, keyword: str) -> object:
+    tag = _TAG_OF[keyword]
+    try:
+        raw = dataset.get_item(tag)
+        if raw is None:
+            return None
+        if (
+            isinstance(raw, RawDataElement)
+            and _VR_OF[keyword] in _ASCII_VRS
+            and raw.value is not None
+        ):
+            # These VRs are plain ASCII whatever the character set: skipping pydicom's
+            # conversion halves the cost of reading the header.
+            return raw.value.decode("ascii", "replace").strip("\x00 ")
+        return dataset[tag].value
+    except Exception as exc:  # a malformed value
+        raise HeaderError(
+            StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be read: {exc}"
+        ) from exc
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    value = _value(dataset, keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    value = _value(dataset, keyword)
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _uid(dataset: Dataset, keyword: str) -> str:
+    value = _text(dataset, keyword)
+    if not value:
+        raise HeaderError(StoreStatus.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
+    if not UID(value).is_valid:
+        raise HeaderError(
+            StoreStatus.INVALID_UID, f"{keyword} is not a valid DICOM UID: {value[:70]!r}"
+        )
+    return value
+
+
+def extract_header(dataset: Dataset) -> InstanceHeader:
+    """Validate the UIDs the node files instances under and collect key attributes.
+
+    A UID that is not a valid DICOM UID (only digits and dots, no empty or leading-zero
+    components, at most 64 characters) is refused: UIDs become path components on
+    disk, so this check is also what keeps writes inside ``storage.data_dir``.
+    """
+    return InstanceHeader(
+        sop_class_uid=_uid(dataset, "SOPClassUID"),
+        sop_instance_uid=_uid(dataset, "SOPInstanceUID"),
+        study_instance_uid=_uid(dataset, "StudyInstanceUID"),
+        series_instance_uid=_uid(dataset, "SeriesInstanceUID"),
+        patient_id=_text(dataset, "PatientID"),
+        issuer_of_patient_id=_text(dataset, "IssuerOfPatientID"),
+        patient_name=_text(dataset, "PatientName"),
+        patient_birth_date=_text(dataset, "PatientBirthDate"),
+        patient_sex=_text(dataset, "PatientSex"),
+        study_date=_text(dataset, "StudyDate"),
+        study_time=_text(dataset, "StudyTime"),
+        accession_number=_text(dataset, "AccessionNumber"),
+        study_description=_text(dataset, "StudyDescription"),
+        modality=_text(dataset, "Modality"),
+        series_number=_integer(dataset, "SeriesNumber"),
+        series_description=_text(dataset, "SeriesDescription"),
+        body_part_examined=_text(dataset, "BodyPartExamined"),
+        instance_number=_integer(dataset, "InstanceNumber"),
+    )

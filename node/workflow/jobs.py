@@ -1,0 +1,405 @@
+"""Jobs: one row per series per stable point, from routing to done, failed or skipped.
+
+The database is the queue: a stable study's series are routed into job rows
+(:func:`queue_stable_studies`), :class:`JobRunner` claims queued rows and hands their
+ids to an executor (:mod:`node.workflow.executor`), and the worker that runs a job records
+its outcome itself (:mod:`node.workflow.analyze`). Nothing about a job lives only in memory,
+so a crash or restart loses nothing: :func:`requeue_interrupted` puts the jobs of a
+dead process back in the queue, and Celery workers can later take the executor's
+place without a change here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import Connection, Engine, Table, func, select, update
+
+from db.tables import (
+    AssociationRecord,
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    Series,
+    Study,
+    StudyEvent,
+    StudyStatus,
+    utcnow,
+)
+from node.config import Settings
+from node.ingest.associations import is_dead_here, this_process
+from node.workflow.routing import SeriesFacts, choose_route, facts_from_datasets
+
+log = logging.getLogger(__name__)
+
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_studies: Table = Study.__table__  # type: ignore[assignment]
+_events: Table = StudyEvent.__table__  # type: ignore[assignment]
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+#: Header attributes routing reads from sampled instance files.
+_ROUTING_TAGS = ["Modality", "BodyPartExamined", "SeriesDescription", "ImageType",
+                 "Manufacturer", "SOPClassUID"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to run one job."""
+
+    job_id: int
+    route: str | None
+    study_instance_uid: str
+    series_instance_uid: str
+    pipeline: str  # "" while routing waits for the predicted region
+    destinations: list[str]
+    files: list[Path]  # absolute paths, in instance number order
+    calling_aes: frozenset[str] = frozenset()
+
+
+# -- routing a stable study into jobs ---------------------------------------------------
+
+
+def _sample(paths: list[str]) -> list[str]:
+    """First, middle and last instance: enough to spot a localizer or a foreign object."""
+    if len(paths) <= 3:
+        return paths
+    return [paths[0], paths[len(paths) // 2], paths[-1]]
+
+
+def _series_facts(conn: Connection, data_dir: Path, series: Any) -> SeriesFacts:
+    rows = conn.execute(
+        select(Instance.file_path, Instance.sop_class_uid, AssociationRecord.calling_ae)
+        .join(AssociationRecord, Instance.association_fk == AssociationRecord.id, isouter=True)
+        .where(Instance.series_fk == series.id)
+        .order_by(Instance.instance_number, Instance.id)
+    ).all()
+    headers = []
+    for path in _sample([row.file_path for row in rows]):
+        try:
+            headers.append(pydicom.dcmread(data_dir / path, stop_before_pixels=True,
+                                           specific_tags=_ROUTING_TAGS))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            log.warning("cannot read %s for routing: %s", path, exc)
+    facts = facts_from_datasets(series.series_instance_uid, headers,
+                                {row.calling_ae for row in rows if row.calling_ae})
+    ours = conn.execute(
+        select(func.count(Result.id)).where(
+            Result.series_instance_uid == series.series_instance_uid)
+    ).scalar_one() > 0
+    # The database knows every instance; the sampled headers only some.
+    return replace(facts, modality=facts.modality or series.modality,
+                   sop_classes=frozenset(row.sop_class_uid for row in rows),
+                   instances=len(rows), ours=facts.ours or ours)
+
+
+def _latest_job(conn: Connection, series_id: int) -> tuple[str, int] | None:
+    row = conn.execute(
+        select(_jobs.c.status, _jobs.c.instances)
+        .where(_jobs.c.series_fk == series_id)
+        .order_by(_jobs.c.id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else (row.status, row.instances)
+
+
+def _plan_study(conn: Connection, settings: Settings, study_id: int, now: datetime) -> list[int]:
+    queued: list[int] = []
+    all_series = conn.execute(
+        select(Series.id, Series.series_instance_uid, Series.modality)
+        .where(Series.study_fk == study_id).order_by(Series.id)
+    ).all()
+    for series in all_series:
+        facts = _series_facts(conn, settings.storage.data_dir, series)
+        latest = _latest_job(conn, series.id)
+        if latest is not None and latest[1] == facts.instances \
+                and latest[0] != JobStatus.FAILED.value:
+            continue  # unchanged since its last routing: its results stand
+        # A failed series gets another run whenever its study becomes stable again:
+        # what failed may have been an instance still arriving (see Ingestor._touch).
+        decision = choose_route(facts, settings.routes)
+        route = decision.route
+        job_id = conn.execute(
+            _jobs.insert().values(
+                study_fk=study_id,
+                series_fk=series.id,
+                route=route.name if route else None,
+                pipeline=route.pipeline if route else None,
+                destinations=json.dumps(settings.route_destinations(route) if route else []),
+                status=JobStatus.SKIPPED.value if decision.skipped else JobStatus.QUEUED.value,
+                reason=decision.reason,
+                instances=facts.instances,
+                attempt=0,
+                queued_at=now,
+                finished_at=now if decision.skipped else None,
+                timings="{}",
+            )
+        ).inserted_primary_key[0]
+        log.info("series %s: %s", series.series_instance_uid, decision.reason)
+        if not decision.skipped:
+            queued.append(int(job_id))
+    return queued
+
+
+def _set_study_status(
+    conn: Connection, study_id: int, from_status: str, to_status: str, reason: str,
+    now: datetime,
+) -> bool:
+    """Move a study on, unless something (a late instance) moved it first."""
+    done = conn.execute(
+        update(_studies)
+        .where(_studies.c.id == study_id)
+        .where(_studies.c.status == from_status)
+        .values(status=to_status)
+    ).rowcount
+    if done:
+        conn.execute(_events.insert().values(
+            study_fk=study_id, from_status=from_status, to_status=to_status, at=now,
+            reason=reason,
+        ))
+    return bool(done)
+
+
+def _settle_study(conn: Connection, study_id: int, now: datetime) -> None:
+    """A study whose jobs have all ended is ``analyzed``; the event sums them up."""
+    counts = dict(conn.execute(
+        select(_jobs.c.status, func.count())
+        .where(_jobs.c.study_fk == study_id)
+        .group_by(_jobs.c.status)
+    ).all())
+    if any(counts.get(status, 0) for status in ACTIVE):
+        return
+    summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts)) or "no series"
+    _set_study_status(conn, study_id, StudyStatus.PROCESSING.value,
+                      StudyStatus.ANALYZED.value, f"jobs ended: {summary}", now)
+
+
+def queue_stable_studies(engine: Engine, settings: Settings) -> list[int]:
+    """Route every ``stable`` study's series into jobs; returns the queued job ids."""
+    now = utcnow()
+    queued: list[int] = []
+    with engine.begin() as conn:
+        studies = conn.execute(
+            select(_studies.c.id).where(_studies.c.status == StudyStatus.STABLE.value)
+            .order_by(_studies.c.id)
+        ).scalars().all()
+        for study_id in studies:
+            new = _plan_study(conn, settings, study_id, now)
+            queued += new
+            _set_study_status(conn, study_id, StudyStatus.STABLE.value,
+                              StudyStatus.PROCESSING.value,
+                              f"{len(new)} series queued for analysis", now)
+            _settle_study(conn, study_id, now)
+    return queued
+
+
+# -- the queue ------------------------------------------------------------------------
+
+
+def claim_jobs(engine: Engine, limit: int) -> list[int]:
+    """Take up to ``limit`` queued jobs for this process, oldest first."""
+    if limit <= 0:
+        return []
+    claimed: list[int] = []
+    now = utcnow()
+    with engine.begin() as conn:
+        ids = conn.execute(
+            select(_jobs.c.id).where(_jobs.c.status == JobStatus.QUEUED.value)
+            .order_by(_jobs.c.id).limit(limit)
+        ).scalars().all()
+        for job_id in ids:
+            # The status check in the UPDATE makes two claimers safe on PostgreSQL.
+            if conn.execute(
+                update(_jobs).where(_jobs.c.id == job_id)
+                .where(_jobs.c.status == JobStatus.QUEUED.value)
+                .values(status=JobStatus.RUNNING.value, attempt=_jobs.c.attempt + 1,
+                        started_at=now, node_process=this_process())
+            ).rowcount:
+                claimed.append(job_id)
+    return claimed
+
+
+def load_job(engine: Engine, data_dir: Path, job_id: int) -> JobSpec:
+    with engine.connect() as conn:
+        job = conn.execute(
+            select(_jobs.c.series_fk, _jobs.c.route, _jobs.c.pipeline, _jobs.c.destinations,
+                   Study.study_instance_uid, Series.series_instance_uid)
+            .join(Study, Study.id == _jobs.c.study_fk)
+            .join(Series, Series.id == _jobs.c.series_fk)
+            .where(_jobs.c.id == job_id)
+        ).one()
+        rows = conn.execute(
+            select(Instance.file_path, AssociationRecord.calling_ae)
+            .join(AssociationRecord, Instance.association_fk == AssociationRecord.id,
+                  isouter=True)
+            .where(Instance.series_fk == job.series_fk)
+            .order_by(Instance.instance_number, Instance.id)
+        ).all()
+        paths = [row.file_path for row in rows]
+    return JobSpec(
+        job_id=job_id,
+        route=job.route,
+        study_instance_uid=job.study_instance_uid,
+        series_instance_uid=job.series_instance_uid,
+        pipeline=job.pipeline or "",
+        destinations=json.loads(job.destinations),
+        files=[data_dir / path for path in paths],
+        calling_aes=frozenset(row.calling_ae for row in rows if row.calling_ae),
+    )
+
+
+def set_route(conn: Connection, job_id: int, decision: Any, destinations: list[str]) -> None:
+    """Record the route a worker chose once the predicted region was known."""
+    route = decision.route
+    conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
+        route=route.name if route else None,
+        pipeline=route.pipeline if route else None,
+        destinations=json.dumps(destinations),
+        reason=decision.reason,
+    ))
+
+
+def finish_job(
+    conn: Connection, job_id: int, status: JobStatus, reason: str,
+    timings: dict[str, float], now: datetime | None = None,
+) -> None:
+    """Record a job's end (inside the caller's transaction, with its results)."""
+    now = now or utcnow()
+    conn.execute(
+        update(_jobs).where(_jobs.c.id == job_id).values(
+            status=status.value, reason=reason, finished_at=now,
+            timings=json.dumps({k: round(v, 4) for k, v in timings.items()}),
+        )
+    )
+    study_id = conn.execute(select(_jobs.c.study_fk).where(_jobs.c.id == job_id)).scalar_one()
+    _settle_study(conn, study_id, now)
+
+
+def fail_job(engine: Engine, job_id: int, reason: str) -> None:
+    with engine.begin() as conn:
+        finish_job(conn, job_id, JobStatus.FAILED, reason, {})
+
+
+def requeue_interrupted(engine: Engine, max_attempts: int) -> tuple[list[int], list[int]]:
+    """Jobs left running by a dead process on this host run again, up to max_attempts.
+
+    Returns (requeued, failed) job ids.
+    """
+    requeued: list[int] = []
+    failed: list[int] = []
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(_jobs.c.id, _jobs.c.attempt, _jobs.c.node_process)
+            .where(_jobs.c.status == JobStatus.RUNNING.value)
+        ).all()
+        for job_id, attempt, owner in rows:
+            if not is_dead_here(owner):
+                continue
+            if attempt >= max_attempts:
+                finish_job(conn, job_id, JobStatus.FAILED,
+                           f"interrupted {attempt} times (crash or restart); giving up", {})
+                failed.append(job_id)
+            else:
+                conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
+                    status=JobStatus.QUEUED.value, node_process=None))
+                requeued.append(job_id)
+    return requeued, failed
+
+
+# -- the runner -----------------------------------------------------------------------
+
+
+class JobRunner(threading.Thread):
+    """Routes stable studies and keeps the executor fed with queued jobs.
+
+    Parameters
+    ----------
+    engine, settings
+        The node's database and configuration.
+    submit
+        Hands a job id to the executor; the returned future ends when the worker
+        has recorded the job's outcome.
+    capacity
+        How many jobs may run at once (the executor's workers).
+    on_job_end
+        Called after each job, e.g. to wake the delivery worker.
+    """
+
+    def __init__(
+        self, engine: Engine, settings: Settings, submit: Callable[[int], Future[None]],
+        capacity: int, on_job_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(name="job-runner", daemon=True)
+        self.engine = engine
+        self.settings = settings
+        self.submit = submit
+        self.capacity = capacity
+        self.on_job_end = on_job_end
+        self.wake = threading.Event()
+        self._stop_event = threading.Event()
+        self._running: set[int] = set()
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self._tick()
+            except Exception:  # a database outage must not kill the runner
+                log.exception("job runner: retrying in %s s", self.settings.jobs.poll_interval_s)
+            self.wake.wait(self.settings.jobs.poll_interval_s)
+            self.wake.clear()
+
+    def _tick(self) -> None:
+        if queued := queue_stable_studies(self.engine, self.settings):
+            log.info("queued %s jobs", len(queued))
+        with self._lock:
+            free = self.capacity - len(self._running)
+        for job_id in claim_jobs(self.engine, free):
+            with self._lock:
+                self._running.add(job_id)
+            future = self.submit(job_id)
+            future.add_done_callback(lambda f, job_id=job_id: self._ended(job_id, f))
+
+    def _ended(self, job_id: int, future: Future[None]) -> None:
+        with self._lock:
+            self._running.discard(job_id)
+        error = future.exception()
+        if error is not None:
+            # The worker records its own failures; reaching here means it died
+            # (killed, out of memory) or could not reach the database.
+            log.error("job %s: worker ended abnormally: %r", job_id, error)
+            try:
+                self._requeue_or_fail(job_id, repr(error))
+            except Exception:
+                log.exception("job %s: cannot record the worker's failure", job_id)
+        self.on_job_end()
+        self.wake.set()
+
+    def _requeue_or_fail(self, job_id: int, error: str) -> None:
+        with self.engine.begin() as conn:
+            attempt = conn.execute(
+                select(_jobs.c.attempt).where(_jobs.c.id == job_id)
+                .where(_jobs.c.status == JobStatus.RUNNING.value)
+            ).scalar_one_or_none()
+            if attempt is None:
+                return
+            if attempt >= self.settings.jobs.max_attempts:
+                finish_job(conn, job_id, JobStatus.FAILED,
+                           f"worker died {attempt} times; last: {error}", {})
+            else:
+                conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
+                    status=JobStatus.QUEUED.value, node_process=None,
+                    reason=f"worker died: {error}"))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.wake.set()
