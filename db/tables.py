@@ -62,15 +62,19 @@ class StudyStatus(str, enum.Enum):
 
     ``receiving``: instances are arriving. ``stable``: none arrived for
     ``study.stable_age_s``; the study is considered complete and its series are routed.
-    ``processing``: jobs for its series are queued or running. ``analyzed``: every job
-    ended (done, skipped or failed; each job row says which). An instance arriving in
-    any state after ``receiving`` reopens the study.
+    ``processing``: jobs for its series are queued or running. ``analyzed``
+    (:attr:`JOBS_ENDED`): every job ended, done, skipped or failed; each job row says
+    which, and the study event sums them up, so a study none of whose series could be
+    analysed is ``analyzed`` too. An instance arriving in any state after
+    ``receiving`` reopens the study.
     """
 
     RECEIVING = "receiving"
     STABLE = "stable"
     PROCESSING = "processing"  # jobs for its series are queued or running
-    ANALYZED = "analyzed"  # every series was processed, skipped or failed
+    # Named for what it means; the stored value stays "analyzed", which the CLI, its
+    # JSON and existing databases carry.
+    JOBS_ENDED = "analyzed"
 
 
 class AssociationOutcome(str, enum.Enum):

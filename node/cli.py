@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node import __version__
+from node.app import StartError
 from node.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("pacsnode")
@@ -25,25 +26,18 @@ class CLIError(Exception):
 
 
 def _engine(settings: Settings) -> Engine:
-    from db.session import make_engine
+    from node.app import open_database
 
-    return make_engine(settings.database_url, settings.database.busy_timeout_s)
+    return open_database(settings)
 
 
-def prepare_database(engine: Engine, upgrade_empty: bool = True) -> None:
-    """Create the schema on an empty database; refuse one that is behind."""
-    from db import migrate
+def _open_catalogue(settings: Settings) -> Engine:
+    """The database of a node, at the schema this version reads (created if empty)."""
+    from node.app import prepare_database
 
-    if upgrade_empty and migrate.is_empty(engine):
-        migrate.upgrade(engine)
-        log.info("created the database schema (revision %s)", migrate.head_revision())
-        return
-    current, head = migrate.current_revision(engine), migrate.head_revision()
-    if current != head:
-        raise CLIError(
-            f"the database is at schema revision {current or 'none'}, this version needs "
-            f"{head}: run 'pacsnode db upgrade' first"
-        )
+    engine = _engine(settings)
+    prepare_database(engine)
+    return engine
 
 
 def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
@@ -61,97 +55,32 @@ def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
 # -- commands -----------------------------------------------------------------
 
 
-def _check_routes(settings: Settings) -> None:
-    """Routes name pipelines that exist, and configured models load and fit their cards."""
+def _check_routes_here(settings: Settings) -> None:
+    """Routes name pipelines that exist, and configured models load and fit their cards,
+    in this process (for the offline commands, which analyse in this process anyway)."""
+    from node.app import check_pipelines
+
     if settings.models:
         from node.workflow.ml_models import check_models
 
         check_models(settings)
-    if not settings.routes:
-        return
-    from analysis.pipeline import pipeline_names
-
-    settings.check_pipelines(pipeline_names())
-
-
-def _start_analysis(settings: Settings, engine: Engine) -> tuple[Any, Any, Any]:
-    """Jobs and deliveries left behind by a dead process resume; workers start."""
-    from node.workflow import delivery, jobs
-    from node.workflow.executor import make_executor
-
-    requeued, failed = jobs.requeue_interrupted(engine, settings.jobs.max_attempts)
-    if requeued or failed:
-        log.warning("jobs interrupted by an earlier crash: %s queued again, %s failed",
-                    len(requeued), len(failed))
-    if resent := delivery.requeue_interrupted(engine):
-        log.warning("%s interrupted deliveries will be sent again", resent)
-    executor = make_executor(settings)
-    sender = delivery.DeliveryWorker(engine, settings)
-    runner = jobs.JobRunner(engine, settings, executor.submit, executor.capacity,
-                            on_job_end=sender.wake.set)
-    sender.start()
-    runner.start()
-    return executor, runner, sender
+    check_pipelines(settings)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from node.dicom.scp import StorageSCP
-    from node.ingest.associations import AssociationLog
-    from node.ingest.index import InstanceIndex
-    from node.ingest.ingestor import Ingestor
-    from node.ingest.storage import InstanceStore
-    from node.workflow.stability import StabilityMonitor
+    from node.app import Node
 
-    _check_routes(settings)
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = _engine(settings)
-    prepare_database(engine)
-    audit = AssociationLog(engine)
-    store = InstanceStore(settings.storage.data_dir)
-    index = InstanceIndex(engine)
-    if interrupted := audit.close_interrupted():
-        log.warning("%s associations were interrupted by an earlier crash", len(interrupted))
-        for uid in index.drop_unfiled(interrupted, store.exists):
-            log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
-    if removed := store.clean_incoming():
-        log.info("removed %s staged files abandoned by an earlier crash", removed)
-    ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)
-    executor, runner, deliveries = _start_analysis(settings, engine)
-    scp = StorageSCP(settings.node, ingestor, audit)
-    try:
-        scp.start()
-    except OSError as exc:
-        raise CLIError(
-            f"cannot listen on {settings.node.host}:{settings.node.port} ({exc.strerror}); "
-            "set node.port to a free port"
-        ) from None
-    monitor = StabilityMonitor(engine, settings.study.stable_age_s,
-                               settings.study.check_interval_s,
-                               on_stable=lambda _uids: runner.wake.set())
-    monitor.start()
-    log.info(
-        "pacsnode %s ready: AE %s, data in %s, database %s",
-        __version__,
-        settings.node.ae_title,
-        settings.storage.data_dir.resolve(),
-        engine.url.render_as_string(hide_password=True),
-    )
-
+    node = Node(settings)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    node.start()
     # Wait with a timeout: a signal handler runs only when the main thread gets to
     # execute Python code, which an untimed wait may never give it.
     while not stop.wait(0.5):
         pass
     log.info("shutting down")
-    monitor.stop()
-    scp.stop()
-    runner.stop()
-    deliveries.stop()
-    executor.shutdown()
-    ingestor.close()
-    engine.dispose()
+    node.stop()
     return 0
 
 
@@ -199,9 +128,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     from node.audit_queries import list_studies
 
-    engine = _engine(settings)
-    prepare_database(engine)
-    studies = list_studies(engine)
+    studies = list_studies(_open_catalogue(settings))
     if args.json:
         print(json.dumps(studies, indent=2))
         return 0
@@ -221,9 +148,7 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
     from node.audit_queries import study_detail
 
-    engine = _engine(settings)
-    prepare_database(engine)
-    detail = study_detail(engine, args.uid)
+    detail = study_detail(_open_catalogue(settings), args.uid)
     if detail is None:
         raise CLIError(f"no study with Study Instance UID {args.uid} (see 'pacsnode studies')")
     if args.json:
@@ -272,7 +197,7 @@ def cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
             raise CLIError(f"no pipeline named {args.pipeline!r} "
                            f"(known: {', '.join(pipeline_names())})")
     else:
-        _check_routes(settings)
+        _check_routes_here(settings)
     report = analyze_paths(args.paths, Path(args.out), settings, args.pipeline)
     print(json.dumps(report, indent=2))
     return 0 if all(s["status"] != "failed" for s in report["series"]) else 1
@@ -462,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacsnode: {exc}", file=sys.stderr)
         return 2
-    except CLIError as exc:
+    except (CLIError, StartError) as exc:
         print(f"pacsnode: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:

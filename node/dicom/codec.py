@@ -4,6 +4,9 @@ Encoding a File Meta group or a C-STORE response through pydicom Dataset objects
 more CPU than storing the instance; these structures have a handful of fixed elements,
 so they are written directly here. tests/test_codec.py checks every function against
 pydicom's own encoding, byte for byte.
+
+Tracks the DIMSE command encoding of pynetdicom 3.0.4 (pinned in pyproject.toml) and
+pydicom 3.0: the responses must be what ``pynetdicom.dimse_messages`` would send.
 """
 
 from __future__ import annotations

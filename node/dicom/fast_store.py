@@ -12,6 +12,10 @@ thread, and the C-STORE response is written straight to the socket.
 Everything else (association negotiation, C-ECHO, release, abort, fragmented command
 sets, unknown contexts) goes through pynetdicom unchanged. PS3.8 9.3.5 (P-DATA-TF) and
 PS3.7 9.3.1 (C-STORE) define the encodings used here.
+
+Tracks pynetdicom 3.0.4 (pinned in pyproject.toml): it is called from that version's
+DUL read loop (see :mod:`node.dicom.reactor`) and reads the association's accepted
+presentation contexts from its private ``_accepted_cx``, as of that version.
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ between checks for a decoded DIMSE message. A 512 KB CT slice arrives in dozens 
 PDUs, so those sleeps, not the work, dominated our ingest time (a plain pynetdicom
 SCP measured 0.18x of DCMTK's storescp; see docs/benchmarks.md). Here the same loops
 block instead: the DUL thread in ``select()`` on the socket and a wake-up pipe, the
-association thread on an event set when a message or a release/abort arrives. The state machine, PDU decoding and DIMSE handling are
-pynetdicom's own, unchanged. The loop bodies follow pynetdicom's (MIT licence) and are
-tied to the pinned pynetdicom version in pyproject.toml.
+association thread on an event set when a message or a release/abort arrives. The state
+machine, PDU decoding and DIMSE handling are pynetdicom's own, unchanged.
+
+Tracks pynetdicom 3.0.4 (pinned in pyproject.toml): the loop bodies follow
+``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` of that version (MIT
+licence). Before moving the pin, diff those two methods against the new release.
 """
 
 from __future__ import annotations

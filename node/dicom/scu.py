@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,39 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
 
-# Send files as their encoded bytes, never decoded and re-encoded by pydicom; this
-# needs a presentation context in exactly the file's transfer syntax (proposed below).
-_config.STORE_SEND_CHUNKED_DATASET = True
+_chunked_lock = threading.Lock()
+_chunked_users = 0
+
+
+@contextmanager
+def sending_files_as_stored() -> Iterator[None]:
+    """While inside, ``send_c_store(path)`` sends a file's encoded bytes as they are on
+    disk, never decoded and re-encoded by pydicom (this needs a presentation context in
+    exactly the file's transfer syntax, which :func:`send_files` proposes).
+
+    pynetdicom 3.0 offers this only as the module switch
+    ``_config.STORE_SEND_CHUNKED_DATASET``, read at each ``send_c_store``; it is on
+    only while some sender is inside this block (counted, so concurrent senders do
+    not switch it off under each other), not for the whole process from an import.
+    """
+    global _chunked_users
+    with _chunked_lock:
+        if _chunked_users == 0:
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _chunked_users += 1
+    try:
+        yield
+    finally:
+        with _chunked_lock:
+            _chunked_users -= 1
+            if _chunked_users == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = False
 
 # A requestor may propose at most 128 presentation contexts (PS3.8 9.3.2.2: odd IDs 1-255).
 _MAX_CONTEXTS = 128
@@ -135,8 +162,9 @@ def send_files(
             summary.failures.append(SendFailure(str(path), f"not a readable DICOM file: {exc}"))
             if progress:
                 progress(path, False)
-    for batch in _batches(items):
-        _send_batch(batch, peer, summary, progress)
+    with sending_files_as_stored():
+        for batch in _batches(items):
+            _send_batch(batch, peer, summary, progress)
     return summary
 
 
@@ -201,8 +229,9 @@ def _store_one(assoc: object, item: _Item) -> tuple[bool, str]:
     if not status:
         return False, "no response (connection lost, or timed out)"
     code = int(status.Status)
-    # 0xB000, 0xB007, 0xB006 are warnings: the peer stored the instance.
-    if code == 0x0000 or code in (0xB000, 0xB006, 0xB007):
+    # A warning (0xB000 coercion, 0xB007 mismatch, 0xB006 elements discarded...)
+    # still means the peer stored the instance.
+    if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
         return True, ""
     comment = status.get("ErrorComment", "")
     return False, f"status 0x{code:04X}{': ' + str(comment) if comment else ''}"

@@ -87,8 +87,9 @@ def inflate(raw: bytes) -> bytes:
     return zlib.decompress(raw, -zlib.MAX_WBITS)
 
 
-def parse_header(raw: bytes, transfer_syntax: str) -> Dataset:
-    """Parse the dataset's element structure; values stay raw until read.
+def parse_dataset(raw: bytes, transfer_syntax: str) -> Dataset:
+    """Parse the whole dataset's element structure (Pixel Data included); values stay
+    raw until read.
 
     A garbled or truncated encoding (including short Pixel Data) fails here.
 
@@ -121,7 +122,7 @@ def parse_prefix(raw: bytes | memoryview, transfer_syntax: str) -> tuple[Dataset
     Returns the dataset (values raw) and the size the whole dataset will have if Pixel
     Data is its last element with a defined length (else ``-1``); ``None`` while the
     bytes do not yet reach Pixel Data, or for a syntax that needs the whole stream
-    (deflate). Nothing is refused here: :func:`parse_header` on the whole dataset does
+    (deflate). Nothing is refused here: :func:`parse_dataset` on the whole dataset does
     that, so a prefix that does not parse just means "wait".
     """
     ts = UID(transfer_syntax)

@@ -24,7 +24,7 @@ from node.ingest.header import (
     HeaderError,
     InstanceHeader,
     extract_header,
-    parse_header,
+    parse_dataset,
     parse_prefix,
 )
 from node.ingest.index import InstanceIndex
@@ -140,7 +140,7 @@ class Ingestor:
         self, request: StoreRequest, dataset: bytes, staging: Future[StagedFile], size: int
     ) -> StoreResult:
         try:
-            header = extract_header(parse_header(dataset, request.transfer_syntax))
+            header = extract_header(parse_dataset(dataset, request.transfer_syntax))
         except HeaderError as exc:
             return StoreResult(exc.status, exc.reason)
         mismatch = _mismatch(header, request)
@@ -233,7 +233,7 @@ class Ingestor:
             # Elements after Pixel Data, encapsulated (compressed) pixels, or a short
             # dataset: check the whole of it as the normal path does.
             try:
-                parse_header(incoming.dataset(), request.transfer_syntax)
+                parse_dataset(incoming.dataset(), request.transfer_syntax)
             except HeaderError as exc:
                 writer.discard()
                 self._take_back(early, request.association_id)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
-from node.config import Settings
+from node.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ class Executor(Protocol):
     capacity: int
 
     def submit(self, job_id: int) -> Future[None]: ...
+
+    def check_models(self) -> None:
+        """Load every configured model where jobs run; a model that does not fit its
+        card raises :class:`~node.config.ConfigError` naming it."""
 
     def shutdown(self) -> None: ...
 
@@ -39,9 +43,23 @@ class ProcessExecutor:
     def __init__(self, settings: Settings) -> None:
         self.capacity = settings.jobs.workers
         self._config = settings.model_dump(mode="json")
+        self._has_models = bool(settings.models)
         self._lock = threading.Lock()
         # No routes, no jobs: a node that only receives never starts workers.
         self._pool: ProcessPoolExecutor | None = self._new_pool() if settings.routes else None
+
+    def check_models(self) -> None:
+        """Load the configured models in a worker: TensorFlow stays out of this process."""
+        from node.workflow import worker
+
+        if not self._has_models:
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._new_pool()
+            pool = self._pool
+        if error := pool.submit(worker.check_models).result():
+            raise ConfigError(error)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         from node.workflow import worker
@@ -87,6 +105,13 @@ class InlineExecutor:
         self.capacity = settings.jobs.workers
         worker.init_worker(settings.model_dump(mode="json"), child=False)
         self._pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="job")
+        self._settings = settings
+
+    def check_models(self) -> None:
+        """Jobs run in this process here, so the models are checked here too."""
+        from node.workflow.ml_models import check_models
+
+        check_models(self._settings)
 
     def submit(self, job_id: int) -> Future[Any]:
         from node.workflow import worker

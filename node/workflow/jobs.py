@@ -170,7 +170,8 @@ def _set_study_status(
 
 
 def _settle_study(conn: Connection, study_id: int, now: datetime) -> None:
-    """A study whose jobs have all ended is ``analyzed``; the event sums them up."""
+    """A study whose jobs have all ended is ``analyzed`` (whatever each job's outcome);
+    the event sums them up."""
     counts = dict(conn.execute(
         select(_jobs.c.status, func.count())
         .where(_jobs.c.study_fk == study_id)
@@ -180,7 +181,7 @@ def _settle_study(conn: Connection, study_id: int, now: datetime) -> None:
         return
     summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts)) or "no series"
     _set_study_status(conn, study_id, StudyStatus.PROCESSING.value,
-                      StudyStatus.ANALYZED.value, f"jobs ended: {summary}", now)
+                      StudyStatus.JOBS_ENDED.value, f"jobs ended: {summary}", now)
 
 
 def queue_stable_studies(engine: Engine, settings: Settings) -> list[int]:

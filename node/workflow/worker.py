@@ -91,8 +91,26 @@ def warm_up() -> None:
         try:
             if get_pipeline(route.pipeline).uses_model:
                 segmentation_model(settings, route.model)
-        except Exception:  # the job itself will report what is wrong
-            log.exception("could not load the model of route %s ahead of time", route.name)
+        except Exception as exc:  # check_models or the job itself reports it in full
+            log.warning("could not load the model of route %s ahead of time: %s",
+                        route.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def check_models() -> str | None:
+    """Load every configured model here; the error naming a bad one, or ``None``.
+
+    The message travels back to the receiving process as text, which then refuses to
+    start with it (an exception object might not survive the trip between processes).
+    """
+    from node.config import ConfigError
+    from node.workflow.ml_models import check_models as load_all
+
+    assert _worker is not None, "init_worker was not called in this process"
+    try:
+        load_all(_worker.settings)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _store_outputs(store: Any, job_id: int, study_uid: str, outcome: SeriesOutcome,

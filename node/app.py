@@ -1,0 +1,200 @@
+"""A running node: every service wired from the settings, started and stopped as one.
+
+``pacsnode serve``, the tests and the web server of later issues run a node the same
+way::
+
+    node = Node(settings)
+    node.start()   # StartError or ConfigError say what to fix
+    ...
+    node.stop()
+
+The services, in the order of the data (the README's diagram): the DICOM listener
+(:mod:`node.dicom.scp`) hands each C-STORE to the ingestor (:mod:`node.ingest`), the
+stability monitor marks quiet studies stable, the job runner routes their series and
+runs jobs on the executor's workers (:mod:`node.workflow`), and the delivery worker
+sends the results. The receiving process never imports TensorFlow: models load, and
+configured models are checked against their cards, in the analysis workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Engine
+
+from node import __version__
+from node.config import Settings
+
+log = logging.getLogger("pacsnode")
+
+
+class StartError(Exception):
+    """The node cannot start; the message says what to fix."""
+
+
+def open_database(settings: Settings) -> Engine:
+    """The engine of ``database.url`` (SQLite in the data folder by default)."""
+    from db.session import make_engine
+
+    return make_engine(settings.database_url, settings.database.busy_timeout_s)
+
+
+def prepare_database(engine: Engine, upgrade_empty: bool = True) -> None:
+    """Create the schema on an empty database; refuse one that is behind."""
+    from db import migrate
+
+    if upgrade_empty and migrate.is_empty(engine):
+        migrate.upgrade(engine)
+        log.info("created the database schema (revision %s)", migrate.head_revision())
+        return
+    current, head = migrate.current_revision(engine), migrate.head_revision()
+    if current != head:
+        raise StartError(
+            f"the database is at schema revision {current or 'none'}, this version needs "
+            f"{head}: run 'pacsnode db upgrade' first"
+        )
+
+
+def check_pipelines(settings: Settings) -> None:
+    """Every route names a pipeline that exists (no model is loaded for this)."""
+    if settings.routes:
+        from analysis.pipeline import pipeline_names
+
+        settings.check_pipelines(pipeline_names())
+
+
+class Node:
+    """The node's services, wired from ``settings``.
+
+    Parameters
+    ----------
+    settings
+        The validated configuration (:func:`node.config.load_settings`).
+
+    Attributes
+    ----------
+    engine
+        The database engine, once started.
+    port
+        The port the DICOM listener is bound to, once started (``node.port: 0`` binds
+        a free one).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        # Stopped in reverse order of starting: the listener first, the database last.
+        self._stops: list[Callable[[], None]] = []
+        self.port: int | None = None
+
+    def start(self) -> None:
+        """Start every service; on an error, stop what was started and raise it.
+
+        Raises
+        ------
+        StartError
+            The database is behind, or the port is taken.
+        node.config.ConfigError
+            A route names no pipeline, or a configured model does not fit its card.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("pacsnode %s ready: AE %s, data in %s, database %s", __version__,
+                 self.settings.node.ae_title, self.settings.storage.data_dir.resolve(),
+                 self.engine.url.render_as_string(hide_password=True) if self.engine else "-")
+
+    def stop(self) -> None:
+        """Stop every started service, newest first; safe to call twice."""
+        while self._stops:
+            self._stops.pop()()
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.stop()
+
+    # -- wiring ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        from node.dicom.scp import StorageSCP
+        from node.ingest.associations import AssociationLog
+        from node.ingest.index import InstanceIndex
+        from node.ingest.ingestor import Ingestor
+        from node.ingest.storage import InstanceStore
+
+        settings = self.settings
+        check_pipelines(settings)
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = self.engine = open_database(settings)
+        self._stops.append(engine.dispose)
+        prepare_database(engine)
+        audit = AssociationLog(engine)
+        store = InstanceStore(settings.storage.data_dir)
+        index = InstanceIndex(engine)
+        _recover_ingest(audit, index, store)
+        ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)
+        self._stops.append(ingestor.close)
+        on_stable = self._start_workflow(engine)
+        scp = StorageSCP(settings.node, ingestor, audit)
+        try:
+            _host, self.port = scp.start()
+        except OSError as exc:
+            raise StartError(
+                f"cannot listen on {settings.node.host}:{settings.node.port} ({exc.strerror}); "
+                "set node.port to a free port"
+            ) from None
+        self._stops.append(scp.stop)
+        self._start_monitor(engine, on_stable)
+
+    def _start_workflow(self, engine: Engine) -> Callable[[Any], None]:
+        """Resume what a dead process left, check the models in a worker, start the
+        job runner and the delivery worker; returns what wakes the runner."""
+        from node.workflow import delivery, jobs
+        from node.workflow.executor import make_executor
+
+        settings = self.settings
+        requeued, failed = jobs.requeue_interrupted(engine, settings.jobs.max_attempts)
+        if requeued or failed:
+            log.warning("jobs interrupted by an earlier crash: %s queued again, %s failed",
+                        len(requeued), len(failed))
+        if resent := delivery.requeue_interrupted(engine):
+            log.warning("%s interrupted deliveries will be sent again", resent)
+        executor = make_executor(settings)
+        self._stops.append(executor.shutdown)
+        executor.check_models()
+        sender = delivery.DeliveryWorker(engine, settings)
+        runner = jobs.JobRunner(engine, settings, executor.submit, executor.capacity,
+                                on_job_end=sender.wake.set)
+        sender.start()
+        self._stops.append(sender.stop)
+        runner.start()
+        self._stops.append(runner.stop)
+        return lambda _uids: runner.wake.set()
+
+    def _start_monitor(self, engine: Engine, on_stable: Callable[[Any], None]) -> None:
+        from node.workflow.stability import StabilityMonitor
+
+        study = self.settings.study
+        monitor = StabilityMonitor(engine, study.stable_age_s, study.check_interval_s,
+                                   on_stable=on_stable)
+        monitor.start()
+        self._stops.append(monitor.stop)
+
+
+def _recover_ingest(audit: Any, index: Any, store: Any) -> None:
+    """Close associations a crash left open, and drop what they never acknowledged."""
+    if interrupted := audit.close_interrupted():
+        log.warning("%s associations were interrupted by an earlier crash", len(interrupted))
+        for uid in index.drop_unfiled(interrupted, store.exists):
+            log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
+    if removed := store.clean_incoming():
+        log.info("removed %s staged files abandoned by an earlier crash", removed)
