@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -34,11 +34,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def missing_peer(reason: str) -> NoReturn:
+    """A real peer (DCMTK, Orthanc, dciodvfy, the PostgreSQL server) is absent.
+
+    On a developer's machine that is a skip; in CI (``CI=true``) it fails the run, so a
+    broken CI image cannot turn the integration tests into a green row of skips.
+    """
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} [CI=true: a missing peer fails the run]", pytrace=False)
+    pytest.skip(reason)
+
+
 def require_tool(*names: str) -> None:
-    """Skip unless the command-line tools exist (``make test`` installs them)."""
+    """Skip (fail in CI) unless the command-line tools exist (``make test`` installs them)."""
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (run 'make test' to install)")
+        missing_peer(f"not installed: {', '.join(missing)} (run 'make test' to install)")
+
+
+def query(db_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of a read-only SQL query on a node's database, as dicts (the node may be
+    running: SQLite's WAL lets a reader in beside it)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -151,7 +175,8 @@ class NodeProcess:
 
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> str:
-    """The PostgreSQL server of this machine, or a skip saying it is absent."""
+    """The PostgreSQL server of this machine, or a skip (a failure in CI) saying it is
+    absent."""
     from sqlalchemy import create_engine, text
 
     try:
@@ -160,7 +185,7 @@ def postgres_admin_url() -> str:
             conn.execute(text("select 1"))
         engine.dispose()
     except Exception as exc:  # any failure means: no usable server here
-        pytest.skip(f"no PostgreSQL server at {POSTGRES_ADMIN_URL}: {str(exc).splitlines()[0]}")
+        missing_peer(f"no PostgreSQL server at {POSTGRES_ADMIN_URL}: {str(exc).splitlines()[0]}")
     return POSTGRES_ADMIN_URL
 
 
