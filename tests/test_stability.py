@@ -4,7 +4,7 @@ recovered after a restart."""
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from db.tables import utcnow
 from node.ingest.header import InstanceHeader
 from node.ingest.index import InstanceIndex
 from node.workflow.stability import mark_stable
-from tests.conftest import NodeProcess, make_series, require_tool
+from tests.conftest import NodeProcess, make_series, query, require_tool
 
 #: Where a stable study goes without routes: its series are skipped and it is analyzed.
 AFTER_STABLE = [("receiving", "stable"), ("stable", "processing"), ("processing", "analyzed")]
@@ -28,6 +28,14 @@ def wait_for_status(node: NodeProcess, uid: str, status: str, timeout: float = 2
             return study
         time.sleep(0.2)
     raise AssertionError(f"study {uid} never became {status}: {node.study(uid)}")
+
+
+def _state(node: NodeProcess, uid: str) -> tuple[str, Any]:
+    """(status, stable_at) read straight from the database: a ``pacsnode study`` process
+    can take longer to start than the 1 s quiet period on a busy machine."""
+    (row,) = query(node.db_url, "select status, stable_at from studies "
+                   "where study_instance_uid = :uid", uid=uid)
+    return row["status"], row["stable_at"]
 
 
 def _header(sop: str, study: str = "1.2.3") -> InstanceHeader:
@@ -61,7 +69,7 @@ def test_node_marks_stable_and_reopens(make_node: Any, tmp_path: Path) -> None:
     node = make_node(stable_age_s=1.0)
     series = make_series(tmp_path / "s", slices=4)
     node.storescu(*series.paths[:3])
-    assert node.study(series.study_instance_uid)["status"] == "receiving"
+    assert _state(node, series.study_instance_uid) == ("receiving", None)
 
     stable = wait_for_status(node, series.study_instance_uid, "analyzed")
     assert stable["stable_at"] is not None
@@ -70,10 +78,8 @@ def test_node_marks_stable_and_reopens(make_node: Any, tmp_path: Path) -> None:
     assert [(j["status"], j["reason"]) for j in jobs] == [("skipped", "no routes are configured")]
 
     node.storescu(series.paths[3])
-    reopened = node.study(series.study_instance_uid)
-    assert reopened["status"] == "receiving"
-    assert reopened["stable_at"] is None
-    assert reopened["instances"] == 4
+    assert _state(node, series.study_instance_uid) == ("receiving", None)
+    assert node.study(series.study_instance_uid)["instances"] == 4
 
     again = wait_for_status(node, series.study_instance_uid, "analyzed")
     transitions = [(e["from"], e["to"]) for e in again["events"]]
@@ -85,12 +91,24 @@ def test_node_marks_stable_and_reopens(make_node: Any, tmp_path: Path) -> None:
 
 
 def test_stability_recovered_after_restart(make_node: Any, tmp_path: Path) -> None:
+    """A study that went quiet while the node was down is made stable by the restarted
+    node, from the database alone (the killed one never had the chance)."""
     require_tool("storescu")
     node = make_node(stable_age_s=2.0)
     series = make_series(tmp_path / "s", slices=3)
     node.storescu(*series.paths)
     node.kill()  # crash while the study is still receiving
-    time.sleep(2.5)
+    # Read with the node down: nothing can change the study any more until the restart.
+    before = node.study(series.study_instance_uid)
+    assert (before["status"], before["stable_at"]) == ("receiving", None), before
+    time.sleep(2.5)  # the quiet period ends while no node runs
+    restarted_at = datetime.now(timezone.utc)
     node.start()
     study = wait_for_status(node, series.study_instance_uid, "analyzed", timeout=10)
     assert study["instances"] == 3
+    assert datetime.fromisoformat(study["stable_at"]) >= restarted_at, (restarted_at, study)
+    # The restart left the study's clock alone: it was quiet since its last instance.
+    assert study["last_received_at"] == before["last_received_at"]
+    transitions = [(e["from"], e["to"]) for e in study["events"]]
+    assert transitions == [(None, "receiving"), *AFTER_STABLE]
+    assert datetime.fromisoformat(study["events"][1]["at"]) >= restarted_at
