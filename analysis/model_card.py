@@ -1,9 +1,11 @@
 """Model cards: what a segmentation model expects, what its outputs mean, how it was made.
 
-A card is a JSON file beside the model. :class:`ModelCard` loads it and validates it
-in its constructors, as highdicom does for its objects: a card that loads is one the
-node can use, and an error names the field to fix, e.g.
-``labels[2].type.meaning: must be a non-empty string of at most 64 characters``.
+A card is a JSON file beside the model. :class:`ModelCard` and its parts are pydantic
+dataclasses: they validate in their constructors, as highdicom does for its objects, so
+a card that loads is one the node can use, and an error names the field to fix, e.g.
+``labels[2].type.meaning: must be at most 64 characters, got 'xxx...'``. Every invalid
+card, of any kind (the region model's too, :mod:`analysis.region_card`), raises
+:class:`ModelCardError`; :func:`card_error` turns pydantic's errors into it.
 
 The label map gives each model output index a segment label, a display name and the
 SNOMED CT coded segmented property category and type that the DICOM SEG records.
@@ -13,12 +15,27 @@ theirs (the body is every non-background class, lungs included).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import reprlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_type_hints
+
+from annotated_types import Ge, Gt
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
 from analysis.slice_grid import GridSpec
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
@@ -27,17 +44,29 @@ SCHEMA = "pacsnode.model-card/1"
 BACKGROUND = "background"
 #: Orientation the model's slices are turned to before inference (the only one known).
 STANDARD_AXIAL = "standard-axial"
-_LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
-_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+_LABEL_PATTERN = r"[a-z][a-z0-9_]*"
+_SHA256_PATTERN = r"[0-9a-f]{64}"
 # DICOM VR limits of Code Value (SH: 16), Coding Scheme Designator (SH) and Code
 # Meaning (LO: 64); a card that breaks them would only fail later, in the SEG.
 _MAX_CODE_VALUE = 16
 _MAX_SCHEME = 16
 _MAX_MEANING = 64
+_PREPROCESSING_DESCRIPTION = (
+    "Per axial slice: turn to standard orientation using the affine (patient "
+    "left on image right, anterior up); resample to pixel_spacing_mm (OpenCV "
+    "INTER_AREA when shrinking, INTER_LINEAR when growing); centre on the "
+    "input canvas, padding with pad_hu or cropping; map hu_window linearly to "
+    "[0, 1], clipped. Outputs: scores cut from the canvas (cropped parts are "
+    "background), resized linearly to the source slice, arg-max, turned back."
+)
 
 
 class ModelCardError(ValueError):
-    """A model card is invalid; ``field`` names the offending field (dotted path)."""
+    """A model card is invalid; ``field`` names the offending field (dotted path).
+
+    Raised inside a card model's validator, ``field`` is relative to the object being
+    validated; :func:`card_error` prefixes the path from the card's root.
+    """
 
     def __init__(self, field_name: str, message: str, *, source: str | None = None) -> None:
         self.field = field_name
@@ -47,93 +76,210 @@ class ModelCardError(ValueError):
         super().__init__(f"{prefix}{field_name}: {message}")
 
 
-# ---------------------------------------------------------------------- checks
+# ------------------------------------------------------- pydantic -> ModelCardError
+
+#: How pydantic's error types read in a card error (``{...}`` from the error's context).
+_WORDING: dict[str, str] = {
+    "missing": "is required",
+    "missing_argument": "is required",
+    "extra_forbidden": "unknown field",
+    "unexpected_keyword_argument": "unknown field",
+    "unexpected_positional_argument": "is an unexpected argument",
+    "model_type": "must be an object",
+    "dataclass_type": "must be an object",
+    "dict_type": "must be an object",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "literal_error": "must be {expected}",
+    "string_too_long": "must be at most {max_length} characters",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "positive": "must be positive",
+    "greater_than": "must be greater than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+}
+_UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
+_NO_VALUE = ("missing", "missing_argument", *_UNKNOWN)
+#: Dataclass field metadata: the key that holds the field in a card file, if another.
+_IN_FILE = "in_file"
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 70
+_SHORT.maxlist = _SHORT.maxtuple = 8
 
 
-def _string(value: Any, where: str, *, max_length: int | None = None) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ModelCardError(where, f"must be a non-empty string, got {value!r}")
-    if max_length is not None and len(value) > max_length:
-        raise ModelCardError(
-            where, f"must be at most {max_length} characters (DICOM), got {len(value)}: {value!r}"
-        )
-    return value
+def card_error(
+    error: ValidationError,
+    root: type,
+    *,
+    where: str = "",
+    source: str | None = None,
+    arguments: Sequence[str] = (),
+) -> ModelCardError:
+    """The first of pydantic's errors as a :class:`ModelCardError` naming the field.
+
+    Parameters
+    ----------
+    error
+        From validating ``root``.
+    root
+        The model (pydantic dataclass or ``BaseModel``) validated: it lists the known
+        fields when an unknown one is found.
+    where
+        Name of ``root`` in the path, for an object built on its own (``code``).
+    source
+        The card file, if any.
+    arguments
+        The constructor's parameter names: a positional argument is named, not
+        numbered, in the path.
+    """
+    first = error.errors()[0]
+    loc: list[str | int] = list(first["loc"])
+    if arguments and loc and isinstance(loc[0], int) and loc[0] < len(arguments):
+        loc[0] = arguments[loc[0]]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, ModelCardError):
+        return ModelCardError(_path(where, *loc, cause.field), cause.detail, source=source)
+    detail = str(cause) if isinstance(cause, ValueError) else _describe(first, root, loc)
+    return ModelCardError(_path(where, *loc), detail, source=source)
 
 
-def _number(value: Any, where: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelCardError(where, f"must be a number, got {value!r}")
-    if positive and not value > 0:
-        raise ModelCardError(where, f"must be positive, got {value!r}")
-    return float(value)
+def _path(*parts: str | int) -> str:
+    """``labels[2].type`` from ``("labels", 2, "type")``; the card itself is ``card``."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part:
+            text += f".{part}" if text and not part.startswith("[") else part
+    return text or "card"
 
 
-def _integer(value: Any, where: str, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelCardError(where, f"must be an integer >= {minimum}, got {value!r}")
-    return value
+def _describe(error: Any, root: type, loc: Sequence[str | int]) -> str:
+    kind, context = error["type"], error.get("ctx", {})
+    if kind == "greater_than" and context.get("gt") == 0:
+        kind = "positive"  # pydantic's PositiveFloat
+    template = _WORDING.get(kind)
+    detail = template.format(**context) if template else error["msg"]
+    if kind in _UNKNOWN:
+        part = _part_at(root, loc[:-1])
+        if part is not None:
+            known = sorted(f.metadata.get(_IN_FILE, f.name) for f in dataclasses.fields(part))
+            detail += f"; known: {', '.join(known)}"
+    elif kind not in _NO_VALUE:
+        detail += f", got {_SHORT.repr(error['input'])}"
+    return detail
 
 
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ModelCardError(where, f"must be an object, got {type(value).__name__}")
-    return value
+def _part_at(root: type, loc: Sequence[str | int]) -> Any:
+    """The dataclass that ``loc`` points into, starting at ``root`` (None if not one)."""
+    part: Any = root
+    for key in loc:
+        if isinstance(key, int):
+            continue  # an item of a sequence: the same type
+        hint = get_type_hints(part).get(key) if dataclasses.is_dataclass(part) else None
+        part = next((t for t in _types_in(hint) if dataclasses.is_dataclass(t)), None)
+        if part is None:
+            return None
+    return part if dataclasses.is_dataclass(part) else None
 
 
-def _keys(data: Mapping[str, Any], where: str, required: set[str], optional: set[str]) -> None:
-    """Missing and unknown keys are both errors: a typo must not silently mean a default."""
-    for key in sorted(required - set(data)):
-        raise ModelCardError(_join(where, key), "is required")
-    for key in sorted(set(data) - required - optional):
-        raise ModelCardError(
-            _join(where, key), f"unknown field; known: {', '.join(sorted(required | optional))}"
-        )
+def _types_in(hint: Any) -> Iterator[Any]:
+    yield hint
+    for arg in get_args(hint):
+        yield from _types_in(arg)
 
 
-def _join(where: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    return f"{where}.{key}" if where else key
+# ---------------------------------------------------------------------- field types
 
 
-def _shape(value: Any, where: str) -> tuple[int | None, ...]:
-    """A tensor shape: a list of positive integers, ``null`` for a free (batch) axis."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 4:
-        raise ModelCardError(where, f"must be [batch, rows, columns, channels], got {value!r}")
-    shape: list[int | None] = []
-    for i, item in enumerate(value):
-        shape.append(None if item is None else _integer(item, _join(where, i), minimum=1))
-    return tuple(shape)
+def matching(pattern: str, meaning: str) -> AfterValidator:
+    """A check that a whole string matches ``pattern``; an error says it must be ``meaning``."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"must be {meaning}, got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+_NON_EMPTY = matching(r"(?s).*\S.*", "a non-empty string")
+#: JSON numbers; booleans and numeric strings are refused (strict), integers become floats.
+Number = Annotated[float, Strict()]
+_Text = Annotated[str, Strict(), _NON_EMPTY]
+_Dimension = Annotated[int, Strict(), Ge(1)] | None  # None: a free (batch) axis
+
+
+_CodeValue = Annotated[str, StringConstraints(strict=True, max_length=_MAX_CODE_VALUE), _NON_EMPTY]
+_Scheme = Annotated[str, StringConstraints(strict=True, max_length=_MAX_SCHEME), _NON_EMPTY]
+_Meaning = Annotated[str, StringConstraints(strict=True, max_length=_MAX_MEANING), _NON_EMPTY]
+_Label = Annotated[
+    str, Strict(), matching(_LABEL_PATTERN, "lower case letters, digits and '_' starting with a letter")
+]
+_Sha256 = Annotated[str, Strict(), matching(_SHA256_PATTERN, "64 lower-case hex digits")]
+
+
+_T = TypeVar("_T")
+
+
+def _part(where: str) -> Callable[[type[_T]], type[_T]]:
+    """Make a pydantic dataclass's constructor raise :class:`ModelCardError`.
+
+    ``where`` names the object in the error (``code.value``). Parts validated within a
+    card are built without their constructor, so those errors name the path from the
+    card instead (``labels[2].type.value``).
+    """
+
+    def decorate(cls: type[_T]) -> type[_T]:
+        init = cls.__init__
+        arguments = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as error:
+                raise card_error(error, cls, where=where, arguments=arguments) from None
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return decorate
+
+
+def _stated(data: Any, name: str) -> None:
+    """Code may rely on a default; a card file (a mapping) must state the field."""
+    if isinstance(data, Mapping) and name not in data:
+        raise ModelCardError(name, "is required")
+
+
+# Missing and unknown keys are both errors: a typo must not silently mean a default.
+_CONFIG = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------- parts
 
 
-@dataclass(frozen=True)
+@_part("code")
+@dataclass(frozen=True, config=_CONFIG)
 class Code:
     """A coded concept: ``value``, coding ``scheme`` (e.g. ``SCT``) and ``meaning``."""
 
-    value: str
-    scheme: str
-    meaning: str
-    where: str = field(default="code", repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        _string(self.value, _join(self.where, "value"), max_length=_MAX_CODE_VALUE)
-        _string(self.scheme, _join(self.where, "scheme"), max_length=_MAX_SCHEME)
-        _string(self.meaning, _join(self.where, "meaning"), max_length=_MAX_MEANING)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> Code:
-        data = _mapping(data, where)
-        _keys(data, where, {"value", "scheme", "meaning"}, set())
-        return cls(data["value"], data["scheme"], data["meaning"], where=where)
+    value: _CodeValue
+    scheme: _Scheme
+    meaning: _Meaning
 
     def to_dict(self) -> dict[str, str]:
         return {"value": self.value, "scheme": self.scheme, "meaning": self.meaning}
 
 
-@dataclass(frozen=True)
+@_part("label")
+@dataclass(frozen=True, config=_CONFIG)
 class OutputLabel:
     """What one output index of the model means.
 
@@ -153,48 +299,27 @@ class OutputLabel:
         Other labels whose pixels also belong to this segment.
     """
 
-    index: int
-    label: str
-    display: str
+    index: Annotated[int, Strict(), Ge(0)]
+    label: _Label
+    display: _Meaning
     category: Code | None = None
     type: Code | None = None
-    contains: tuple[str, ...] = ()
-    where: str = field(default="label", repr=False, compare=False)
+    contains: tuple[Annotated[str, Strict()], ...] = ()
 
-    def __post_init__(self) -> None:
-        _integer(self.index, _join(self.where, "index"))
-        if not isinstance(self.label, str) or not _LABEL_PATTERN.match(self.label):
-            raise ModelCardError(
-                _join(self.where, "label"),
-                f"must be lower case letters, digits and '_' starting with a letter, got {self.label!r}",
-            )
-        _string(self.display, _join(self.where, "display"), max_length=_MAX_MEANING)
-        if self.label != BACKGROUND:
-            for name in ("category", "type"):
-                if not isinstance(getattr(self, name), Code):
-                    raise ModelCardError(_join(self.where, name), "is required (a coded concept)")
-        elif self.contains:
-            raise ModelCardError(_join(self.where, "contains"), "the background contains nothing")
+    @model_validator(mode="after")
+    def _coded_unless_background(self) -> OutputLabel:
+        if self.is_background:
+            if self.contains:
+                raise ModelCardError("contains", "the background contains nothing")
+            return self
+        for name in ("category", "type"):
+            if getattr(self, name) is None:
+                raise ModelCardError(name, "is required (a coded concept)")
+        return self
 
     @property
     def is_background(self) -> bool:
         return self.label == BACKGROUND
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> OutputLabel:
-        data = _mapping(data, where)
-        _keys(data, where, {"index", "label", "display"}, {"category", "type", "contains"})
-        codes = {
-            name: Code.from_dict(data[name], _join(where, name)) if data.get(name) is not None else None
-            for name in ("category", "type")
-        }
-        contains = data.get("contains", [])
-        if not isinstance(contains, list) or not all(isinstance(c, str) for c in contains):
-            raise ModelCardError(_join(where, "contains"), f"must be a list of labels, got {contains!r}")
-        return cls(
-            index=data["index"], label=data["label"], display=data["display"],
-            contains=tuple(contains), where=where, **codes,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "label": self.label, "display": self.display}
@@ -207,7 +332,8 @@ class OutputLabel:
         return out
 
 
-@dataclass(frozen=True)
+@_part("preprocessing")
+@dataclass(frozen=True, config=_CONFIG)
 class Preprocessing:
     """How slices are prepared for the model (see :mod:`analysis.slice_grid`).
 
@@ -226,39 +352,25 @@ class Preprocessing:
         left is on the image's right and anterior at the top; masks are turned back.
     """
 
-    hu_window: tuple[float, float]
-    pixel_spacing_mm: float
-    pad_hu: float
-    orientation: str = STANDARD_AXIAL
-    where: str = field(default="preprocessing", repr=False, compare=False)
+    hu_window: tuple[Number, Number]
+    pixel_spacing_mm: Annotated[float, Strict(), Gt(0)]
+    pad_hu: Number
+    orientation: Literal["standard-axial"] = STANDARD_AXIAL
 
-    def __post_init__(self) -> None:
-        low = _number(self.hu_window[0], _join(_join(self.where, "hu_window"), 0))
-        high = _number(self.hu_window[1], _join(_join(self.where, "hu_window"), 1))
-        if not low < high:
-            raise ModelCardError(
-                _join(self.where, "hu_window"), f"low must be below high, got {self.hu_window}"
-            )
-        _number(self.pixel_spacing_mm, _join(self.where, "pixel_spacing_mm"), positive=True)
-        _number(self.pad_hu, _join(self.where, "pad_hu"))
-        if self.orientation != STANDARD_AXIAL:
-            raise ModelCardError(
-                _join(self.where, "orientation"),
-                f"must be {STANDARD_AXIAL!r} (the only orientation supported), got {self.orientation!r}",
-            )
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> Preprocessing:
-        data = _mapping(data, where)
-        _keys(data, where, {"hu_window", "pixel_spacing_mm", "pad_hu", "orientation"},
-              {"description"})
-        window = data["hu_window"]
-        if not isinstance(window, list) or len(window) != 2:
-            raise ModelCardError(_join(where, "hu_window"), f"must be [low, high], got {window!r}")
-        return cls(
-            hu_window=(window[0], window[1]), pixel_spacing_mm=data["pixel_spacing_mm"],
-            pad_hu=data["pad_hu"], orientation=data["orientation"], where=where,
-        )
+    def _from_file(cls, data: Any) -> Any:
+        # The file's description is prose for readers; to_dict writes this code's own.
+        _stated(data, "orientation")
+        if isinstance(data, Mapping):
+            return {key: value for key, value in data.items() if key != "description"}
+        return data
+
+    @model_validator(mode="after")
+    def _window_rises(self) -> Preprocessing:
+        if not self.hu_window[0] < self.hu_window[1]:
+            raise ModelCardError("hu_window", f"low must be below high, got {list(self.hu_window)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -266,21 +378,22 @@ class Preprocessing:
             "pixel_spacing_mm": self.pixel_spacing_mm,
             "pad_hu": self.pad_hu,
             "orientation": self.orientation,
-            "description": (
-                "Per axial slice: turn to standard orientation using the affine (patient "
-                "left on image right, anterior up); resample to pixel_spacing_mm (OpenCV "
-                "INTER_AREA when shrinking, INTER_LINEAR when growing); centre on the "
-                "input canvas, padding with pad_hu or cropping; map hu_window linearly to "
-                "[0, 1], clipped. Outputs: scores cut from the canvas (cropped parts are "
-                "background), resized linearly to the source slice, arg-max, turned back."
-            ),
+            "description": _PREPROCESSING_DESCRIPTION,
         }
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class _Postprocessing:
+    """A card file's ``postprocessing`` section (:attr:`ModelCard.fill_holes` in code)."""
+
+    fill_holes: tuple[Annotated[str, Strict()], ...] = ()
 
 
 # ---------------------------------------------------------------------- the card
 
 
-@dataclass(frozen=True)
+@_part("")
+@dataclass(frozen=True, config=_CONFIG)
 class ModelCard:
     """A validated model card; see the module docstring.
 
@@ -291,33 +404,43 @@ class ModelCard:
     except that every number under ``metrics.dice`` must lie in [0, 1].
     """
 
-    name: str
-    version: str
-    task: str
-    model_file: str
-    input_shape: tuple[int | None, ...]
-    output_shape: tuple[int | None, ...]
+    name: _Text
+    version: _Text
+    task: _Text
+    model_file: _Text
+    input_shape: tuple[_Dimension, ...]
+    output_shape: tuple[_Dimension, ...]
     preprocessing: Preprocessing
     labels: tuple[OutputLabel, ...]
-    description: str = ""
-    model_sha256: str | None = None
-    fill_holes: tuple[str, ...] = ()
-    training: Mapping[str, Any] = field(default_factory=dict)
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    framework: Mapping[str, Any] = field(default_factory=dict)
-    schema: str = SCHEMA
+    description: Annotated[str, Strict()] = ""
+    model_sha256: _Sha256 | None = None
+    fill_holes: tuple[Annotated[str, Strict()], ...] = field(
+        default=(), metadata={_IN_FILE: "postprocessing"}
+    )
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    framework: dict[str, Any] = field(default_factory=dict)
+    schema: Literal["pacsnode.model-card/1"] = SCHEMA
 
-    def __post_init__(self) -> None:
-        if self.schema != SCHEMA:
-            raise ModelCardError("schema", f"must be {SCHEMA!r}, got {self.schema!r}")
-        for name in ("name", "version", "task", "model_file"):
-            _string(getattr(self, name), name)
-        if self.model_sha256 is not None and not (
-            isinstance(self.model_sha256, str) and _SHA256_PATTERN.match(self.model_sha256)
-        ):
-            raise ModelCardError(
-                "model_sha256", f"must be 64 lower-case hex digits, got {self.model_sha256!r}"
-            )
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        _stated(data, "schema")
+        if "fill_holes" in data:
+            raise ModelCardError("fill_holes", "unknown field; it belongs in postprocessing")
+        try:
+            post = _adapter(_Postprocessing).validate_python(data.get("postprocessing", {}))
+        except ValidationError as error:
+            raise card_error(error, _Postprocessing, where="postprocessing") from None
+        fields = {key: value for key, value in data.items() if key != "postprocessing"}
+        return {**fields, "fill_holes": post.fill_holes}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if not self.labels:
+            raise ModelCardError("labels", "must be a non-empty list")
         self._check_shapes()
         self._check_labels()
         segments = {entry.label for entry in self.segments}
@@ -326,12 +449,15 @@ class ModelCard:
                 raise ModelCardError(
                     f"postprocessing.fill_holes[{i}]", f"{label!r} is not a segment label of this card"
                 )
-        self._check_dice(self.metrics.get("dice", {}), "metrics.dice")
+        _check_dice(self.metrics.get("dice", {}), "metrics.dice")
+        return self
 
     def _check_shapes(self) -> None:
         for name in ("input_shape", "output_shape"):
             if len(getattr(self, name)) != 4:
-                raise ModelCardError(name, f"must be [batch, rows, columns, channels], got {getattr(self, name)}")
+                raise ModelCardError(
+                    name, f"must be [batch, rows, columns, channels], got {list(getattr(self, name))}"
+                )
         size = (self.input_shape[1], self.input_shape[2])
         if size[0] != size[1] or size[0] is None:
             raise ModelCardError(
@@ -371,14 +497,6 @@ class ModelCard:
                         f"labels[{i}].contains", f"{other!r} is not another segment label of this card"
                     )
 
-    def _check_dice(self, dice: Any, where: str) -> None:
-        if isinstance(dice, Mapping):
-            for key, value in dice.items():
-                self._check_dice(value, _join(where, str(key)))
-        elif isinstance(dice, (int, float)) and not isinstance(dice, bool):
-            if not 0.0 <= dice <= 1.0:
-                raise ModelCardError(where, f"a Dice coefficient must lie in [0, 1], got {dice}")
-
     # ------------------------------------------------------------------ derived
 
     @property
@@ -412,46 +530,9 @@ class ModelCard:
     def from_dict(cls, data: Any, *, source: str | None = None) -> ModelCard:
         """Validate and build a card from parsed JSON; errors name ``source`` and the field."""
         try:
-            data = _mapping(data, "card")
-            _keys(
-                data, "",
-                {"schema", "name", "version", "task", "model_file", "input_shape", "output_shape",
-                 "preprocessing", "labels"},
-                {"description", "model_sha256", "postprocessing", "training", "metrics", "framework"},
-            )
-            post = _mapping(data.get("postprocessing", {}), "postprocessing")
-            _keys(post, "postprocessing", set(), {"fill_holes"})
-            fill_holes = post.get("fill_holes", [])
-            if not isinstance(fill_holes, list) or not all(isinstance(x, str) for x in fill_holes):
-                raise ModelCardError(
-                    "postprocessing.fill_holes", f"must be a list of labels, got {fill_holes!r}"
-                )
-            labels = data["labels"]
-            if not isinstance(labels, list) or not labels:
-                raise ModelCardError("labels", "must be a non-empty list")
-            for name in ("training", "metrics", "framework"):
-                _mapping(data.get(name, {}), name)
-            return cls(
-                schema=data["schema"],
-                name=data["name"],
-                version=data["version"],
-                task=data["task"],
-                description=data.get("description", ""),
-                model_file=data["model_file"],
-                model_sha256=data.get("model_sha256"),
-                fill_holes=tuple(fill_holes),
-                input_shape=_shape(data["input_shape"], "input_shape"),
-                output_shape=_shape(data["output_shape"], "output_shape"),
-                preprocessing=Preprocessing.from_dict(data["preprocessing"], "preprocessing"),
-                labels=tuple(OutputLabel.from_dict(item, f"labels[{i}]") for i, item in enumerate(labels)),
-                training=data.get("training", {}),
-                metrics=data.get("metrics", {}),
-                framework=data.get("framework", {}),
-            )
-        except ModelCardError as error:
-            if source is None or error.source is not None:
-                raise
-            raise ModelCardError(error.field, error.detail, source=source) from None
+            return _adapter(cls).validate_python(data)
+        except ValidationError as error:
+            raise card_error(error, cls, source=source) from None
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -490,6 +571,20 @@ class ModelCard:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _check_dice(dice: Any, where: str) -> None:
+    if isinstance(dice, Mapping):
+        for key, value in dice.items():
+            _check_dice(value, f"{where}.{key}")
+    elif isinstance(dice, (int, float)) and not isinstance(dice, bool):
+        if not 0.0 <= dice <= 1.0:
+            raise ModelCardError(where, f"a Dice coefficient must lie in [0, 1], got {dice}")
+
+
+@functools.cache
+def _adapter(cls: type[_T]) -> TypeAdapter[_T]:
+    return TypeAdapter(cls)
 
 
 # ---------------------------------------------------------------------- lungs

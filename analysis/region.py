@@ -10,9 +10,10 @@ a leg, a whole body, a scout).
 A trained model is a directory: ``model.joblib`` (the pickled pipeline) and
 ``card.json`` (the model card: labels, threshold, features, training data, metrics,
 scikit-learn version, the pickle's SHA-256). :meth:`RegionModel.load` validates the
-card, naming the field at fault, checks the pickle against it and refuses a model
-pickled by another scikit-learn minor version. Pickles run code when loaded: load only
-models you trust (the one shipped in ``analysis/models/region`` or your own).
+card (:mod:`analysis.region_card`), naming the field at fault, checks the pickle against
+it and refuses a model pickled by another scikit-learn minor version. Pickles run code
+when loaded: load only models you trust (the one shipped in ``analysis/models/region``
+or your own).
 
 The DICOM header's ``BodyPartExamined`` can then be checked against a confident
 prediction with :func:`body_part_contradiction`.
@@ -26,7 +27,7 @@ import math
 import re
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,39 +42,30 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from analysis import model_card
 from analysis.features import (
     SERIES_FEATURES,
     NoBodyError,
     feature_vector,
     series_features,
 )
+from analysis.model_card import ModelCardError
+from analysis.region_card import (
+    CARD_FILE,
+    CLASSIFIERS,
+    REGIONS,
+    SCORE_FUNCTIONS,
+    validate_card,
+)
 from analysis.types import ImageVolume
 
-REGIONS: tuple[str, ...] = ("head", "chest", "abdomen", "pelvis")
 OTHER = "other"
-CLASSIFIERS = ("rf", "svm")
-SCORE_FUNCTIONS = ("f_classif", "mutual_info")
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_K = 20
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "region"
 MODEL_FILE = "model.joblib"
-CARD_FILE = "card.json"
-CARD_SCHEMA = "pacsnode.region-model-card/1"
 #: The slice normal must be within this of the patient's z axis: the features assume
 #: axial slices (45 degrees also admits any real gantry tilt).
 _MAX_OBLIQUITY_DEG = 45.0
-
-
-class ModelCardError(model_card.ModelCardError):
-    """The region card is missing a field or a field is invalid; ``field`` names it.
-
-    The segmentation cards' error, with the card file as its source: one exception
-    type for every invalid model card.
-    """
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(field_name, message, source=CARD_FILE)
 
 
 class ModelVersionError(RuntimeError):
@@ -187,7 +179,7 @@ class RegionModel:
         classes = [str(c) for c in getattr(pipeline, "classes_", [])]
         if sorted(classes) != sorted(self.card["labels"]):
             raise ModelCardError(
-                "labels", f"{self.card['labels']}, but the model predicts {classes}"
+                "labels", f"{self.card['labels']}, but the model predicts {classes}", source=CARD_FILE
             )
         # scikit-learn orders classes alphabetically; the card lists them anatomically.
         self._columns = [classes.index(label) for label in self.card["labels"]]
@@ -196,6 +188,7 @@ class RegionModel:
             raise ModelCardError(
                 "features.input",
                 f"{len(self.card['features']['input'])} features, but the model takes {n_in}",
+                source=CARD_FILE,
             )
         self.pipeline = pipeline
 
@@ -298,9 +291,9 @@ class RegionModel:
             raise FileNotFoundError(f"no {CARD_FILE} in {directory}")
         try:
             raw = json.loads(card_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ModelCardError("(file)", f"not valid JSON: {exc}") from exc
-        card = validate_card(raw)
+        except ValueError as exc:
+            raise ModelCardError("card", f"cannot read JSON: {exc}", source=str(card_path)) from None
+        card = validate_card(raw, source=str(card_path))
         model_path = directory / card["model_file"]
         if not model_path.is_file():
             raise FileNotFoundError(
@@ -308,7 +301,9 @@ class RegionModel:
             )
         if _sha256(model_path) != card["model_sha256"]:
             raise ModelCardError(
-                "model_sha256", f"does not match {model_path.name}: the model file was changed"
+                "model_sha256",
+                f"does not match {model_path.name}: the model file was changed",
+                source=str(card_path),
             )
         check_sklearn_version(card["sklearn_version"], allow_mismatch=allow_version_mismatch)
         with warnings.catch_warnings():
@@ -384,129 +379,6 @@ def load_region_model(directory: Path | str | None = None) -> RegionModel:
         if cached is None or cached[0] != stamp:
             _CACHE[key] = (stamp, RegionModel.load(directory))
         return _CACHE[key][1]
-
-
-# --------------------------------------------------------------------------- model card
-
-
-def validate_card(card: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a model card's fields; return it as a plain dict.
-
-    Raises
-    ------
-    ModelCardError
-        Naming the first missing or invalid field (dotted for nested ones).
-    """
-    if not isinstance(card, Mapping):
-        raise ModelCardError("(card)", f"must be a JSON object, got {type(card).__name__}")
-    c = dict(card)
-    _expect(c, "schema", str)
-    if c["schema"] != CARD_SCHEMA:
-        raise ModelCardError("schema", f"must be {CARD_SCHEMA!r}, got {c['schema']!r}")
-    _expect(c, "name", str)
-    _expect(c, "version", str)
-    if not re.fullmatch(r"\d+\.\d+\.\d+", c["version"]):
-        raise ModelCardError("version", f"must be MAJOR.MINOR.PATCH, got {c['version']!r}")
-    _expect(c, "task", str)
-    if c["task"] != "region":
-        raise ModelCardError("task", f"must be 'region', got {c['task']!r}")
-    labels = _expect(c, "labels", list)
-    if (
-        not labels
-        or not all(isinstance(x, str) and x for x in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        raise ModelCardError("labels", f"must be distinct non-empty strings, got {labels!r}")
-    unknown = [x for x in labels if x not in REGIONS]
-    if unknown:
-        raise ModelCardError(
-            "labels", f"contains unknown regions {unknown}; known: {list(REGIONS)}"
-        )
-    threshold = _expect(c, "threshold", (int, float))
-    if isinstance(threshold, bool) or not 0.0 < float(threshold) <= 1.0:
-        raise ModelCardError("threshold", f"must be a number in (0, 1], got {threshold!r}")
-    clf = _expect(c, "classifier", dict)
-    if clf.get("kind") not in CLASSIFIERS:
-        raise ModelCardError(
-            "classifier.kind", f"must be one of {list(CLASSIFIERS)}, got {clf.get('kind')!r}"
-        )
-    selection = _expect(c, "feature_selection", dict)
-    if selection.get("score_func") not in SCORE_FUNCTIONS:
-        raise ModelCardError(
-            "feature_selection.score_func",
-            f"must be one of {list(SCORE_FUNCTIONS)}, got {selection.get('score_func')!r}",
-        )
-    k = selection.get("k")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ModelCardError("feature_selection.k", f"must be a positive integer, got {k!r}")
-    _validate_features(_expect(c, "features", dict), k)
-    _expect(c, "training_data", dict)
-    _validate_metrics(_expect(c, "metrics", dict), labels)
-    _expect(c, "sklearn_version", str)
-    if not re.fullmatch(r"\d+\.\d+(\.\d+)?\S*", c["sklearn_version"]):
-        raise ModelCardError("sklearn_version", f"not a version: {c['sklearn_version']!r}")
-    _expect(c, "model_file", str)
-    if Path(c["model_file"]).name != c["model_file"]:
-        raise ModelCardError(
-            "model_file", f"must be a file name in the model directory, got {c['model_file']!r}"
-        )
-    _expect(c, "model_sha256", str)
-    if not re.fullmatch(r"[0-9a-f]{64}", c["model_sha256"]):
-        raise ModelCardError("model_sha256", "must be 64 lowercase hex digits")
-    return c
-
-
-def _expect(
-    card: Mapping[str, Any], name: str, kind: type | tuple[type, ...], prefix: str = ""
-) -> Any:
-    full = f"{prefix}{name}"
-    if name not in card:
-        raise ModelCardError(full, "missing")
-    value = card[name]
-    if not isinstance(value, kind):
-        names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ModelCardError(full, f"must be {names}, got {type(value).__name__}")
-    return value
-
-
-def _validate_features(features: Mapping[str, Any], k: int) -> None:
-    inputs = _expect(features, "input", list, "features.")
-    unknown = [n for n in inputs if n not in SERIES_FEATURES]
-    if unknown:
-        raise ModelCardError(
-            "features.input",
-            f"names features this version does not compute: {unknown[:5]} (retrain the model)",
-        )
-    selected = _expect(features, "selected", list, "features.")
-    if not set(selected) <= set(inputs):
-        raise ModelCardError("features.selected", "must be a subset of features.input")
-    if len(selected) != min(k, len(inputs)):
-        raise ModelCardError(
-            "features.selected", f"has {len(selected)} names, feature_selection.k is {k}"
-        )
-
-
-def _validate_metrics(metrics: Mapping[str, Any], labels: Sequence[str]) -> None:
-    for name in ("cv_accuracy", "held_back_accuracy"):
-        value = _expect(metrics, name, (int, float), "metrics.")
-        if not 0.0 <= float(value) <= 1.0:
-            raise ModelCardError(f"metrics.{name}", f"must be in [0, 1], got {value!r}")
-    confusion = _expect(metrics, "held_back_confusion", dict, "metrics.")
-    if confusion.get("labels") != list(labels):
-        raise ModelCardError("metrics.held_back_confusion.labels", "must equal the card's labels")
-    matrix = confusion.get("matrix")
-    n = len(labels)
-    if not (
-        isinstance(matrix, list)
-        and len(matrix) == n
-        and all(
-            isinstance(r, list) and len(r) == n and all(isinstance(v, int) and v >= 0 for v in r)
-            for r in matrix
-        )
-    ):
-        raise ModelCardError(
-            "metrics.held_back_confusion.matrix", f"must be {n}x{n} non-negative integers"
-        )
 
 
 # ------------------------------------------------------------------- BodyPartExamined

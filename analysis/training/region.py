@@ -38,7 +38,6 @@ from sklearn.model_selection import StratifiedKFold
 from analysis.features import SERIES_FEATURES, feature_vector, series_features
 from analysis.phantoms.regions import make_region_phantom, phantom_volume
 from analysis.region import (
-    CARD_SCHEMA,
     DEFAULT_K,
     DEFAULT_THRESHOLD,
     OTHER,
@@ -46,6 +45,7 @@ from analysis.region import (
     RegionModel,
     build_pipeline,
 )
+from analysis.region_card import CARD_SCHEMA
 from analysis.types import ImageVolume
 from analysis.volume import volume_from_datasets
 
