@@ -30,7 +30,12 @@ import cv2
 import numpy as np
 from skimage.feature import graycomatrix, graycoprops
 
-from analysis.segment import fill_holes_slicewise, morph_slicewise, segment_body
+from analysis.segment import (
+    bounding_box,
+    fill_holes_slicewise,
+    morph_slicewise,
+    segment_body,
+)
 from analysis.types import ImageVolume
 
 #: Stored CT values span -1024..3071 HU; padding outside the reconstruction circle
@@ -607,8 +612,8 @@ def _segment_glcm(
     picks = [int(k) for k in np.argsort(areas)[::-1][:count] if areas[k] > 0]
     images, masks = [], []
     for k in picks:
-        rows, cols = np.nonzero(mask[k])
-        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+        box = bounding_box(mask[k])
+        assert box is not None  # picks have an area
         size = (
             max(2, round((box[1].stop - box[1].start) * spacing[2] / SEGMENT_GRID_MM)),
             max(2, round((box[0].stop - box[0].start) * spacing[1] / SEGMENT_GRID_MM)),

@@ -17,6 +17,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage import measure as skmeasure
 
+from analysis.segment import bounding_box
 from analysis.types import SegmentMeasurement
 
 #: Above this many voxels in its bounding box a mask's surface is taken on an
@@ -49,11 +50,11 @@ def measure_segment(
     if mask.shape != hu.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume's {hu.shape}")
     spacing = tuple(float(s) for s in spacing_mm)
-    voxels = int(np.count_nonzero(mask))
-    if voxels == 0:
+    box = bounding_box(mask)
+    if box is None:
         return SegmentMeasurement(label, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    box = _bounding_box(mask)
     cropped = mask[box]
+    voxels = int(np.count_nonzero(cropped))
     values = hu[box][cropped]
     return SegmentMeasurement(
         label=label,
@@ -66,14 +67,6 @@ def measure_segment(
     )
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
 def surface_area_mm2(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
     """Area of the iso-surface around a mask, in mm² (0 for an empty mask).
 
@@ -84,9 +77,10 @@ def surface_area_mm2(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
     voxels so that a segment touching the volume's edge still gets a closed surface,
     and axes a mask spans only a few voxels of (one slice) are not smoothed.
     """
-    if not mask.any():
+    box = bounding_box(mask)
+    if box is None:
         return 0.0
-    return _surface_area(mask[_bounding_box(mask)], tuple(float(s) for s in spacing_mm))
+    return _surface_area(mask[box], tuple(float(s) for s in spacing_mm))
 
 
 def _surface_area(cropped: np.ndarray, spacing_mm: tuple[float, ...]) -> float:

@@ -23,6 +23,7 @@ use OpenCV per slice, which on a 2-core machine is much faster than 3D morpholog
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -103,17 +104,30 @@ def fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
-    """Bounding box of the mask's True voxels, grown in-plane by ``margin``."""
-    if not mask.any():
+def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...] | None:
+    """The smallest box holding a mask's True (non-zero) voxels, as slices.
+
+    Parameters
+    ----------
+    mask
+        Any number of dimensions.
+    margin
+        Voxels added on both sides, the same along every axis or one per axis; the box
+        is clipped to the array.
+
+    Returns
+    -------
+    tuple of slice or None
+        None for an empty mask.
+    """
+    found = ndimage.find_objects(np.asarray(mask, dtype=bool).view(np.uint8))
+    if not found:
         return None
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        grow = margin if axis > 0 else 0
-        box.append(slice(max(0, hits[0] - grow), min(mask.shape[axis], hits[-1] + 1 + grow)))
-    return tuple(box)
+    grow = (margin,) * mask.ndim if isinstance(margin, int) else tuple(margin)
+    return tuple(
+        slice(max(0, s.start - m), min(n, s.stop + m))
+        for s, m, n in zip(found[0], grow, mask.shape, strict=True)
+    )
 
 
 def _lateral(affine: np.ndarray, spacing_mm: tuple[float, float, float]) -> _Lateral:
@@ -221,7 +235,7 @@ def segment_lungs(
         bool masks of ``hu``'s shape; all False where no lung was found (an abdomen).
     """
     empty = np.zeros(hu.shape, dtype=bool)
-    box = _bbox(body, margin=1)
+    box = bounding_box(body, margin=(0, 1, 1))  # in-plane: the steps below are per slice
     if box is None:
         return empty, empty.copy()
     hu_c, body_c = hu[box], body[box]
@@ -388,7 +402,8 @@ def _refine(
     spacing_mm: tuple[float, float, float],
 ) -> np.ndarray:
     """Close, bring back dense pleural lung, fill holes; within the lung's box only."""
-    box = _bbox(lung, margin=_radius_px(10.0, spacing_mm) + 2)
+    grow = _radius_px(10.0, spacing_mm) + 2
+    box = bounding_box(lung, margin=(0, grow, grow))
     if box is None:
         return lung
     part = lung[box]
