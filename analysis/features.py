@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy import stats
 from skimage.feature import graycomatrix, graycoprops
 
 from analysis.segment import (
@@ -141,14 +142,14 @@ def first_order(values: np.ndarray, prefix: str = "hu") -> dict[str, float]:
     if values.size == 0:
         return dict.fromkeys(names, 0.0)
     v = np.clip(values.astype(np.float64, copy=False), *HU_RANGE)
-    mean = float(v.mean())
-    centred = v - mean
-    std = float(np.sqrt(np.mean(centred**2)))
+    mean, std = float(v.mean()), float(v.std())
     if std > 1e-6:
-        skew = float(np.mean(centred**3) / std**3)
-        kurt = float(np.mean(centred**4) / std**4 - 3.0)
+        # Population moments (bias=True) and excess kurtosis (fisher=True): the shipped
+        # region model was trained on these.
+        skew = float(stats.skew(v, bias=True))
+        kurt = float(stats.kurtosis(v, fisher=True, bias=True))
     else:
-        skew = kurt = 0.0
+        skew = kurt = 0.0  # scipy says NaN for constant values
     p = np.percentile(v, [5, 25, 50, 75, 95])
     hist, _ = np.histogram(v, bins=_HIST_BINS)
     prob = hist[hist > 0] / max(hist.sum(), 1)
