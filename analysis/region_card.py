@@ -25,8 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from analysis.card_errors import ModelCardError, card_error
 from analysis.features import SERIES_FEATURES
-from analysis.model_card import ModelCardError, Number, card_error, matching
+from analysis.model_card import Number, matching
 
 Classifier = Literal["rf", "svm"]
 ScoreFunction = Literal["f_classif", "mutual_info"]

@@ -16,7 +16,6 @@ import sklearn
 from analysis.features import (
     SERIES_FEATURES,
     NoBodyError,
-    segment_features,
     series_features,
 )
 from analysis.phantoms.regions import (
@@ -40,6 +39,7 @@ from analysis.region import (
     body_part_contradiction,
     load_region_model,
 )
+from analysis.segment_features import segment_features
 from analysis.training.region import (
     DEFAULT_PER_REGION,
     UNSEEN_SEEDS_START,
