@@ -105,6 +105,9 @@ class AssociationRecord(Base):
     #: ``host:pid`` of the node process that served it, to tell a crashed process's
     #: open associations from those of other live processes sharing the database.
     node_process: Mapped[str | None] = mapped_column(String(300))
+    #: Why the node refused it (``rejected``); NULL for the others and for rows older
+    #: than the column.
+    reason: Mapped[str | None] = mapped_column(String(255))
 
 
 class Patient(Base):

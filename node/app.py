@@ -18,6 +18,7 @@ configured models are checked against their cards, in the analysis workers.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -125,6 +126,7 @@ class Node:
     # -- wiring ----------------------------------------------------------------------
 
     def _start(self) -> None:
+        from node.dicom.access import CallingAEPolicy
         from node.dicom.scp import StorageSCP
         from node.ingest.associations import AssociationLog
         from node.ingest.index import InstanceIndex
@@ -133,6 +135,7 @@ class Node:
 
         settings = self.settings
         check_pipelines(settings)
+        policy = CallingAEPolicy(settings.security)  # resolves host names: fail early
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
         engine = self.engine = open_database(settings)
         self._stops.append(engine.dispose)
@@ -144,7 +147,7 @@ class Node:
         ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)
         self._stops.append(ingestor.close)
         on_stable = self._start_workflow(engine)
-        scp = StorageSCP(settings.node, ingestor, audit)
+        scp = StorageSCP(settings.node, ingestor, audit, policy)
         try:
             _host, self.port = scp.start()
         except OSError as exc:
@@ -153,6 +156,8 @@ class Node:
                 "set node.port to a free port"
             ) from None
         self._stops.append(scp.stop)
+        log.log(logging.WARNING if policy.loopback_only and not _loopback(settings.node.host)
+                else logging.INFO, "security: %s", policy.describe())
         self._start_monitor(engine, on_stable)
 
     def _start_workflow(self, engine: Engine) -> Callable[[Any], None]:
@@ -198,3 +203,12 @@ def _recover_ingest(audit: Any, index: Any, store: Any) -> None:
             log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
     if removed := store.clean_incoming():
         log.info("removed %s staged files abandoned by an earlier crash", removed)
+
+
+def _loopback(host: str) -> bool:
+    """Whether the listener is reachable from this host only (then loopback-only is
+    what the administrator gets anyway, and not worth a warning)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -9,6 +9,7 @@ message names the key (``node.port``) so an administrator knows what to fix.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,9 @@ ENV_PREFIX = "PACSNODE__"
 # PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or
 # control characters, and not only spaces.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
 class ConfigError(ValueError):
@@ -105,6 +109,48 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class AllowedPeer(_Section):
+    """A calling AE title allowed from a host: an IP address, a CIDR network or a DNS
+    name (resolved when the node starts)."""
+
+    ae_title: str
+    host: str = Field(min_length=1)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            if not _HOST_NAME.match(value):
+                raise ValueError(
+                    "must be an IP address, a CIDR network (10.0.0.0/24) or a DNS name"
+                ) from None
+        return value
+
+
+class SecurityConfig(_Section):
+    """Who may open an association with the node.
+
+    With no ``allowed_calling_aes`` the node accepts associations from loopback
+    addresses only (secure by default); ``accept_any_calling_ae: true`` opens it to
+    every host and calling AE title.
+    """
+
+    allowed_calling_aes: list[AllowedPeer] = []
+    accept_any_calling_ae: bool = False
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> Self:
+        if self.accept_any_calling_ae and self.allowed_calling_aes:
+            raise ValueError("security.accept_any_calling_ae: true ignores "
+                             "security.allowed_calling_aes; set one of them")
+        return self
 
 
 def _as_list(value: Any) -> Any:
@@ -264,6 +310,7 @@ class Settings(BaseSettings):
     )
 
     node: NodeConfig = NodeConfig()
+    security: SecurityConfig = SecurityConfig()
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     study: StudyConfig = StudyConfig()

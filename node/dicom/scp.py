@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db.tables import AssociationOutcome
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import NodeConfig
+from node.dicom.access import CallingAEPolicy
 from node.dicom.codec import Command
 from node.dicom.reactor import FastRequestHandler
 from node.ingest.associations import AssociationLog
@@ -60,10 +61,12 @@ def make_ae(config: NodeConfig) -> AE:
 class StorageSCP:
     """Binds the event handlers and runs the listener in background threads."""
 
-    def __init__(self, config: NodeConfig, ingestor: Ingestor, audit: AssociationLog) -> None:
+    def __init__(self, config: NodeConfig, ingestor: Ingestor, audit: AssociationLog,
+                 policy: CallingAEPolicy) -> None:
         self.config = config
         self.ingestor = ingestor
         self.audit = audit
+        self.policy = policy
         self.ae = make_ae(config)
         self._server: ThreadedAssociationServer | None = None
 
@@ -122,20 +125,31 @@ class StorageSCP:
             log.exception("could not record association from %s", calling)
             row = None
         setattr(assoc, _ASSOC_ID, row)
+        if reason := self.policy.refusal(calling, requestor.address):
+            # Rejected-permanent, by the service user: calling AE title not recognised.
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            self._record_rejection(assoc, calling, reason)
+            return
         log.info("association %s from %s (%s:%s)", row, calling, requestor.address, requestor.port)
 
     def _on_rejected(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        requestor = assoc.requestor
-        called = requestor.primitive.called_ae_title if requestor.primitive else ""
-        log.warning(
-            "rejected association from %s (%s) calling %r", requestor.ae_title, requestor.address, called
-        )
+        """Associations pynetdicom rejects while negotiating (our called AE title)."""
+        primitive = event.assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive else ""
+        called = str(primitive.called_ae_title).strip() if primitive else ""
+        reason = (f"called AE title {called!r} is not ours ({self.config.ae_title})"
+                  if called != self.config.ae_title else "refused while negotiating")
+        self._record_rejection(event.assoc, calling, reason)
+
+    def _record_rejection(self, assoc: Association, calling: str, reason: str) -> None:
+        # AE titles and addresses only: no patient data is known, or logged, here.
+        log.warning("rejected association from %s (%s): %s", calling,
+                    assoc.requestor.address, reason)
         row = getattr(assoc, _ASSOC_ID, None)
         setattr(assoc, _ASSOC_ID, None)
         if row is not None:
             try:
-                self.audit.close(row, AssociationOutcome.REJECTED)
+                self.audit.close(row, AssociationOutcome.REJECTED, reason)
             except SQLAlchemyError:
                 log.exception("could not record rejected association")
 

@@ -10,6 +10,7 @@ from sqlalchemy import Engine, Table, update
 from db.tables import AssociationOutcome, AssociationRecord, utcnow
 
 _associations: Table = AssociationRecord.__table__  # type: ignore[assignment]
+_REASON_MAX = 255
 
 
 def this_process() -> str:
@@ -103,11 +104,13 @@ class AssociationLog:
                 .values({column: column + 1})
             )
 
-    def close(self, association_id: int, outcome: AssociationOutcome) -> None:
+    def close(self, association_id: int, outcome: AssociationOutcome, reason: str = "") -> None:
+        """End an open association's row; ``reason`` says why it was refused, if it was."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(_associations)
                 .where(_associations.c.id == association_id)
                 .where(_associations.c.outcome == AssociationOutcome.OPEN.value)
-                .values(outcome=outcome.value, ended_at=utcnow())
+                .values(outcome=outcome.value, ended_at=utcnow(),
+                        reason=reason[:_REASON_MAX] or None)
             )
