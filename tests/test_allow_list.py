@@ -139,3 +139,59 @@ def test_a_wrong_called_ae_title_is_recorded_with_its_reason(sqlite_node: NodePr
     assert row["outcome"] == "rejected"
     assert row["reason"] == "called AE title 'NOTME' is not ours (PACSNODE)"
     assert "accepting associations from loopback addresses only" in sqlite_node.log()
+
+
+@pytest.fixture
+def other_host() -> Any:
+    """A second host on this machine: a network namespace joined by a veth pair
+    (10.254.x.1 here, 10.254.x.2 there), so a peer arrives from a non-loopback address."""
+    import os
+    import shutil
+
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 to make a network namespace")
+    tag = f"{os.getpid() % 200 + 20}"
+    name, here, there = f"pn{tag}", f"pnh{tag}", f"pnt{tag}"
+    local, remote = f"10.254.{tag}.1", f"10.254.{tag}.2"
+    steps = [["ip", "netns", "add", name],
+             ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+             ["ip", "link", "set", there, "netns", name],
+             ["ip", "addr", "add", f"{local}/30", "dev", here],
+             ["ip", "link", "set", here, "up"],
+             ["ip", "netns", "exec", name, "ip", "addr", "add", f"{remote}/30", "dev", there],
+             ["ip", "netns", "exec", name, "ip", "link", "set", there, "up"],
+             ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make a test host ({' '.join(step)}: {done.stderr.strip()})")
+        yield name, local, remote
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_by_default_a_peer_on_another_host_is_rejected(other_host: Any, make_node: Any) -> None:
+    require_tool("echoscu")
+    namespace, local, remote = other_host
+
+    def echo(node: NodeProcess) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", namespace, "echoscu", "-aet", "CT1",
+                               "-aec", node.ae_title, local, str(node.port)],
+                              env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+
+    default = make_node(extra_env={"PACSNODE__NODE__HOST": "0.0.0.0"})
+    refused = echo(default)
+    assert refused.returncode != 0, refused.stdout
+    row = association(default, "CT1", remote)
+    assert row["outcome"] == "rejected" and remote in row["reason"]
+    assert "WARNING" in default.log() and "loopback addresses only" in default.log()
+
+    listed = make_node(data_dir=default.data_dir.parent / "listed", extra_env={
+        "PACSNODE__NODE__HOST": "0.0.0.0",
+        "PACSNODE__SECURITY__ALLOWED_CALLING_AES": json.dumps([{"ae_title": "CT1",
+                                                                  "host": remote}])})
+    accepted = echo(listed)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert association(listed, "CT1", remote)["outcome"] == "released"
