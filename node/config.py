@@ -254,10 +254,19 @@ class SegmentationConfig(_Section):
 class ResultsConfig(_Section):
     """How result series appear in the PACS."""
 
-    seg_series_number: int = Field(9901, ge=0, le=2147483647)
+    # What the SEG and SR encoders accept (IS: a positive number; LO: 64 characters, no
+    # backslash or control characters), checked at start rather than at the first study.
+    seg_series_number: int = Field(9901, ge=1, le=2147483647)
     seg_series_description: str = Field("pacsnode segmentation", max_length=64)
-    sr_series_number: int = Field(9902, ge=0, le=2147483647)
+    sr_series_number: int = Field(9902, ge=1, le=2147483647)
     sr_series_description: str = Field("pacsnode measurements", max_length=64)
+
+    @field_validator("seg_series_description", "sr_series_description")
+    @classmethod
+    def _long_string(cls, value: str) -> str:
+        if "\\" in value or any(ord(c) < 32 for c in value):
+            raise ValueError("must not contain a backslash or control characters (DICOM LO)")
+        return value
 
 
 class JobsConfig(_Section):

@@ -8,6 +8,7 @@ get from the node.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from node.config import Settings
 from node.workflow.analyze import (
@@ -124,12 +126,13 @@ def analyze_paths(
         outputs: dict[str, str] = {}
         if outcome.status == "done":
             assert outcome.seg is not None and outcome.sr is not None
+            name = _output_name(uid, out_dir)
             for kind, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
-                target = out_dir / f"{uid}.{kind}.dcm"
+                target = out_dir / f"{name}.{kind}.dcm"
                 target.write_bytes(dataset_bytes(ds))
                 outputs[kind] = str(target)
             if outcome.preview is not None:
-                target = out_dir / f"{uid}.preview.png"
+                target = out_dir / f"{name}.preview.png"
                 target.write_bytes(png_bytes(outcome.preview))
                 outputs["preview"] = str(target)
         report.append({
@@ -146,3 +149,12 @@ def analyze_paths(
             "timings_s": {k: round(v, 3) for k, v in outcome.timings_s.items()},
         })
     return {"series": report, "unreadable": unreadable}
+
+
+def _output_name(uid: str, out_dir: Path) -> str:
+    """A file name for a series' outputs that stays inside ``out_dir``: its Series
+    Instance UID when that is a valid UID, else a digest of whatever the file said."""
+    name = uid if UID(uid).is_valid else f"series-{hashlib.sha256(uid.encode()).hexdigest()[:16]}"
+    if not (out_dir / name).resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(f"refusing to write outside {out_dir}: {name!r}")
+    return name

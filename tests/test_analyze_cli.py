@@ -115,3 +115,33 @@ def test_real_scans(tmp_path: Path) -> None:
             assert labels == {"body"}
         for kind in ("seg", "sr"):
             assert dciodvfy_errors(item["outputs"][kind]) == [], item["outputs"][kind]
+
+
+def test_outputs_stay_inside_out_whatever_the_uids_say(tmp_path: Path) -> None:
+    """A Series Instance UID is whatever a file says; it names no path outside --out."""
+    series = write_ct_series(make_phantom(SPEC), tmp_path / "in")
+    hostile = "../../escaped"
+    with pydicom.config.disable_value_validation():
+        for path in series.paths:
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = hostile
+            ds.save_as(path)
+    out = tmp_path / "deep" / "er" / "out"
+    result = analyze(str(tmp_path / "in"), "--out", str(out), "--pipeline", "ct-body-lungs-classical")
+    assert result.returncode == 0, result.stderr
+    [item] = json.loads(result.stdout)["series"]
+    assert item["series_instance_uid"] == hostile and item["status"] == "done"
+    for written in item["outputs"].values():
+        assert Path(written).parent == out and Path(written).name.startswith("series-")
+    assert not list(tmp_path.glob("deep/escaped*")) and not list(tmp_path.glob("escaped*"))
+
+
+def test_settings_the_encoders_would_refuse_are_refused_at_start(tmp_path: Path) -> None:
+    for key, value in (("RESULTS__SEG_SERIES_NUMBER", "0"),
+                       ("RESULTS__SR_SERIES_DESCRIPTION", "left\\\\right")):
+        env = {"PATH": "/usr/bin:/bin", f"PACSNODE__{key}": value,
+               "PACSNODE__STORAGE__DATA_DIR": str(tmp_path / "var")}
+        result = subprocess.run([sys.executable, "-m", "node.cli", "serve"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert key.lower().replace("__", ".") in result.stderr, result.stderr
