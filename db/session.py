@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +10,14 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 
-def make_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
+def make_engine(url: str, busy_timeout_s: float = 10.0, file_mode: int | None = None) -> Engine:
     """Create an engine with the settings durability needs.
 
     SQLite runs in WAL mode with ``synchronous=FULL`` so that a commit is on disk when
     it returns (the SCP acknowledges only after that), and opens write transactions
     with ``BEGIN IMMEDIATE`` so concurrent writers wait on the busy timeout instead of
-    failing on a lock upgrade.
+    failing on a lock upgrade. With ``file_mode`` a new SQLite file is created with that
+    mode; SQLite gives its -wal and -shm files the database file's mode.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -24,6 +26,9 @@ def make_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
     database = parsed.database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if file_mode is not None and not Path(database).exists():
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, file_mode))
+            os.chmod(database, file_mode)
     engine = create_engine(
         url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False}
     )

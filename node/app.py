@@ -37,10 +37,26 @@ class StartError(Exception):
 
 
 def open_database(settings: Settings) -> Engine:
-    """The engine of ``database.url`` (SQLite in the data folder by default)."""
+    """The engine of ``database.url`` (SQLite in the data folder by default; its file,
+    which holds patient data, created ``storage.file_mode``)."""
     from db.session import make_engine
 
-    return make_engine(settings.database_url, settings.database.busy_timeout_s)
+    return make_engine(settings.database_url, settings.database.busy_timeout_s,
+                       file_mode=settings.storage.file_mode)
+
+
+def _make_data_dir(settings: Settings) -> None:
+    """Create the data folder owner-only (``storage.dir_mode``); an existing one is the
+    administrator's and keeps its mode, with a warning if everyone may read it."""
+    folder = settings.storage.data_dir
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(settings.storage.dir_mode)
+        folder.chmod(settings.storage.dir_mode)
+    elif folder.stat().st_mode & 0o007:
+        log.warning("storage.data_dir %s can be read by every user of this host "
+                    "(mode %04o); patient data belongs in an owner-only folder",
+                    folder, folder.stat().st_mode & 0o777)
 
 
 def prepare_database(engine: Engine, upgrade_empty: bool = True) -> None:
@@ -136,12 +152,13 @@ class Node:
         settings = self.settings
         check_pipelines(settings)
         policy = CallingAEPolicy(settings.security)  # resolves host names: fail early
-        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        _make_data_dir(settings)
         engine = self.engine = open_database(settings)
         self._stops.append(engine.dispose)
         prepare_database(engine)
         audit = AssociationLog(engine)
-        store = InstanceStore(settings.storage.data_dir)
+        store = InstanceStore(settings.storage.data_dir, settings.storage.file_mode,
+                              settings.storage.dir_mode)
         index = InstanceIndex(engine)
         _recover_ingest(audit, index, store)
         ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)

@@ -75,10 +75,41 @@ class NodeConfig(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+def _mode(value: Any, allowed: int) -> int:
+    """A permission mode as YAML gives it (0640 is octal in YAML 1.1) or as "0640"."""
+    mode = int(value, 8) if isinstance(value, str) else value
+    if not isinstance(mode, int) or isinstance(mode, bool) or mode & ~allowed:
+        raise ValueError(f"must be an octal mode within {allowed:04o} (owner and group only), "
+                         f"got {value!r}")
+    return mode
+
+
 class StorageConfig(_Section):
-    """Where received instances live on disk."""
+    """Where received instances live on disk, and who may read them.
+
+    Patient data: files are created ``file_mode`` (owner read/write) in folders
+    ``dir_mode`` (owner only); widen them for a group, never for everyone.
+    """
 
     data_dir: Path = Path("./var")
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
+
+    @field_validator("file_mode", mode="before")
+    @classmethod
+    def _file_mode(cls, value: Any) -> int:
+        mode = _mode(value, 0o660)
+        if mode & 0o600 != 0o600:
+            raise ValueError(f"must let the owner read and write (0600), got {mode:04o}")
+        return mode
+
+    @field_validator("dir_mode", mode="before")
+    @classmethod
+    def _dir_mode(cls, value: Any) -> int:
+        mode = _mode(value, 0o770)
+        if mode & 0o700 != 0o700:
+            raise ValueError(f"must give the owner rwx (0700), got {mode:04o}")
+        return mode
 
 
 class DatabaseConfig(_Section):

@@ -399,7 +399,7 @@ def test_malformed_datasets_are_refused(node: NodeProcess, tmp_path: Path, raw_s
 
 def test_truncated_element_is_refused(sqlite_node: NodeProcess, tmp_path: Path,
                                       raw_send: None) -> None:
-    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    study, _series, sop = generate_uid(), generate_uid(), generate_uid()
     header = encode(instance(study, "9.9", sop, PixelData=None))  # Series UID is last
     cut = header.index(b"\x20\x00\x0e\x00UI")
     # (0020,000E) claims 1000 bytes; only 7 follow: the data set ends mid-value.

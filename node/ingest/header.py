@@ -179,8 +179,10 @@ def _value(dataset: Dataset, keyword: str) -> object:
             return raw.value.decode("ascii", "replace").strip("\x00 ")
         return dataset[tag].value
     except Exception as exc:  # a malformed value
+        # pydicom's message may quote the value (a patient's name): name the error only,
+        # since this text goes to the log and back to the sender as the Error Comment.
         raise HeaderError(
-            StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be read: {exc}"
+            StoreStatus.CANNOT_UNDERSTAND, f"{keyword} cannot be read ({type(exc).__name__})"
         ) from exc
 
 

@@ -68,7 +68,8 @@ class StagingWriter:
         self._fd: int | None = None
         try:
             store._ensure_dir(tmp.parent)
-            self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, store.file_mode)
+            os.fchmod(self._fd, store.file_mode)  # exactly this, whatever the umask
         except OSError as exc:
             store._forget_dir(tmp.parent)
             self._fail(exc)
@@ -134,7 +135,9 @@ class InstanceStore:
 
     INCOMING = "incoming"
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, file_mode: int = 0o600, dir_mode: int = 0o700) -> None:
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
         self.root = data_dir.resolve()
         self.incoming = self.root / self.INCOMING
         self._synced_dirs: set[Path] = set()
@@ -255,7 +258,8 @@ class InstanceStore:
             probe = probe.parent
         for path in reversed(missing):
             try:
-                path.mkdir()
+                path.mkdir(self.dir_mode)
+                path.chmod(self.dir_mode)  # exactly this, whatever the umask
             except FileExistsError:
                 pass
             _fsync_dir(path.parent)

@@ -87,8 +87,9 @@ def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
                 setattr(out, keyword, "")
         sex = str(out.PatientSex or "").strip().upper()
         if sex not in _PATIENT_SEX_VALUES:
-            log.warning("source %s: Patient's Sex %r is not M/F/O; left empty",
-                        ds.get("SOPInstanceUID"), out.PatientSex)
+            # The value is patient data: the log names the attribute, not what it held.
+            log.warning("source %s: Patient's Sex is not M/F/O; left empty",
+                        ds.get("SOPInstanceUID"))
             sex = ""
         out.PatientSex = sex
         for keyword, parse in (("StudyDate", DA), ("StudyTime", TM)):
@@ -97,8 +98,8 @@ def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
                 try:
                     parse(value)
                 except ValueError:
-                    log.warning("source %s: %s %r is not valid; left empty",
-                                ds.get("SOPInstanceUID"), keyword, value)
+                    log.warning("source %s: %s is not a valid %s; left empty",
+                                ds.get("SOPInstanceUID"), keyword, parse.__name__)
                     setattr(out, keyword, "")
         if "SpecificCharacterSet" in out and not out.SpecificCharacterSet:
             del out.SpecificCharacterSet

@@ -70,7 +70,8 @@ def init_worker(config: dict[str, Any], child: bool = True) -> None:
     _worker = _Worker(
         settings=settings,
         engine=make_engine(settings.database_url, settings.database.busy_timeout_s),
-        store=InstanceStore(settings.storage.data_dir),
+        store=InstanceStore(settings.storage.data_dir, settings.storage.file_mode,
+                            settings.storage.dir_mode),
     )
 
 
