@@ -69,13 +69,19 @@ def test_a_taken_port_is_a_start_error_and_nothing_is_left_running(tmp_path: Pat
 
 
 def mapped_libraries(pid: int) -> str:
-    return Path(f"/proc/{pid}/maps").read_text()
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # a process that ended meanwhile
+        return ""
 
 
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return found
 
 
@@ -94,7 +100,8 @@ def test_serve_never_loads_tensorflow_but_its_workers_check_the_models(tmp_path:
         assert "tensorflow" not in mapped_libraries(node.proc.pid)
         # The model was loaded (and so checked) before the node listened: by a worker.
         deadline = time.monotonic() + 5
-        while not any("tensorflow" in mapped_libraries(c) for c in children(node.proc.pid)):
+        while not any("tensorflow" in maps for c in children(node.proc.pid)
+                      if (maps := mapped_libraries(c))):
             assert time.monotonic() < deadline, "no worker process has TensorFlow loaded"
             time.sleep(0.1)
         assert "tensorflow" not in mapped_libraries(node.proc.pid)
