@@ -161,7 +161,10 @@ class Node:
                               settings.storage.dir_mode)
         index = InstanceIndex(engine)
         _recover_ingest(audit, index, store)
-        ingestor = Ingestor(store, index, audit, workers=2 * settings.node.max_associations)
+        ingestor = Ingestor(
+            store, index, audit, workers=2 * settings.node.max_associations,
+            max_instance_bytes=settings.node.max_instance_mb << 20,
+        )
         self._stops.append(ingestor.close)
         on_stable = self._start_workflow(engine)
         scp = StorageSCP(settings.node, ingestor, audit, policy)

@@ -70,7 +70,16 @@ class NodeConfig(_Section):
         262144, ge=0, description="Maximum PDU length we accept (0 = unlimited)."
     )
     max_associations: int = Field(32, ge=1)
+    max_associations_per_host: int = Field(
+        8, ge=1, description="Simultaneous associations from one peer IP address."
+    )
     network_timeout_s: float = Field(60.0, gt=0)
+    association_timeout_s: float = Field(
+        30.0, gt=0, description="Time a connection has to complete association negotiation."
+    )
+    max_instance_mb: int = Field(
+        4096, ge=1, description="Largest dataset accepted (MiB), inflated size for deflate."
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

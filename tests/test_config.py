@@ -71,6 +71,9 @@ def test_config_file_from_environment_variable(tmp_path: Path, monkeypatch: pyte
         ("destinations: [{name: x, host: h, port: 1}]\n", {}, "destinations.0.ae_title"),
         ("", {"PACSNODE__NODE__PORT": "abc"}, "node.port"),
         ("", {"PACSNODE__NODES__PORT": "1"}, "nodes"),
+        ("node: {association_timeout_s: 0}\n", {}, "node.association_timeout_s"),
+        ("node: {max_associations_per_host: 0}\n", {}, "node.max_associations_per_host"),
+        ("", {"PACSNODE__NODE__MAX_INSTANCE_MB": "-1"}, "node.max_instance_mb"),
     ],
 )
 def test_bad_values_name_the_key(

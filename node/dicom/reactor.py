@@ -35,7 +35,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from node.dicom.fast_store import FastStore
+from node.dicom.fast_store import _LAST, FastStore, ProtocolError, split_pdvs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,26 @@ log = logging.getLogger(__name__)
 # this often.
 _MAX_WAIT_S = 0.02
 _RECV_CHUNK = 256 * 1024
+
+# A PDU's length is the peer's claim: it is checked against these before a byte of its
+# body is allocated. An A-ASSOCIATE-RQ with 128 presentation contexts of a dozen
+# transfer syntaxes each is ~40 KB; nothing before the association needs more.
+NEGOTIATION_PDU_MAX = 64 * 1024
+# With node.max_pdu 0 ("unlimited", as announced to the peer) a P-DATA-TF is still
+# refused beyond this: no peer we know sends larger ones, and 32 associations of it
+# stay within 512 MiB.
+UNLIMITED_PDU_CAP = 16 * 1024 * 1024
+# A-ABORT reason (service-provider source, PS3.8 9.3.8): invalid PDU parameter value.
+_INVALID_PARAMETER = 0x06
+
+
+def p_data_limit(max_pdu: int) -> int:
+    """The largest P-DATA-TF body (the PDU length field) accepted for ``node.max_pdu``.
+
+    The maximum length we negotiate bounds the P-DATA-TF variable field, i.e. the
+    PDU without its 6-byte header (PS3.8 D.1).
+    """
+    return max_pdu if max_pdu > 0 else UNLIMITED_PDU_CAP
 
 
 class _SignallingQueue(queue.Queue):  # type: ignore[type-arg]
@@ -82,6 +102,11 @@ class FastDUL(DULServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self._fast: FastStore | None = None
+        # Set by FastRequestHandler from the configuration (see p_data_limit).
+        self.max_p_data = UNLIMITED_PDU_CAP
+        self.max_message_part = 1 << 62
+        # Bytes of the message part pynetdicom is gathering in memory (fallback path).
+        self._fallback_bytes = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -94,20 +119,33 @@ class FastDUL(DULServiceProvider):
         """
         sock = self.socket
         assert sock is not None
-        header = sock.recv(6)
-        if len(header) < 6:
-            self.event_queue.put("Evt17")
+        try:
+            header = sock.recv(6)
+            if len(header) < 6:
+                self.event_queue.put("Evt17")
+                return
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type not in range(0x01, 0x08):
+                log.error("unknown PDU type 0x%02X received", pdu_type)
+                self.event_queue.put("Evt19")
+                return
+            limit = self._pdu_limit(pdu_type)
+            if length > limit:
+                self._refuse(f"PDU type 0x{pdu_type:02X} claims {length} bytes, over {limit}")
+                return
+            body = sock.recv(length)
+        except TimeoutError:
+            # A peer that stops in the middle of a PDU must not hold the thread forever.
+            self._refuse("peer stalled in the middle of a PDU")
             return
-        pdu_type, _, length = struct.unpack(">BBL", header)
-        if pdu_type not in range(0x01, 0x08):
-            log.error("unknown PDU type 0x%02X received", pdu_type)
-            self.event_queue.put("Evt19")
-            return
-        body = sock.recv(length)
         if len(body) != length:
             log.error("PDU shorter than announced (%s of %s bytes)", len(body), length)
             self.event_queue.put("Evt17")
             return
+        if pdu_type == 0x01 and sock.socket is not None:
+            # Negotiation is over once the request is in: from now on a stalled read
+            # waits for the network timeout instead (see FastRequestHandler).
+            sock.socket.settimeout(self.assoc.network_timeout)
         if pdu_type == 0x04 and self.state_machine.current_state == "Sta6":
             fast = self._fast_store()
             if fast is not None:
@@ -116,6 +154,9 @@ class FastDUL(DULServiceProvider):
                     if reply:
                         sock.send(reply)
                     return
+        if pdu_type == 0x04 and self._fallback_over_limit(body):
+            self._refuse(f"message part over {self.max_message_part} bytes (node.max_instance_mb)")
+            return
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception as exc:
@@ -124,6 +165,40 @@ class FastDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _pdu_limit(self, pdu_type: int) -> int:
+        if pdu_type == 0x04 and self.state_machine.current_state != "Sta2":
+            return self.max_p_data
+        return NEGOTIATION_PDU_MAX
+
+    def _fallback_over_limit(self, body: bytearray) -> bool:
+        """pynetdicom gathers a message's command or dataset in memory until its last
+        fragment: bound that by node.max_instance_mb too."""
+        self._fallback_bytes += len(body)
+        if self._fallback_bytes > self.max_message_part:
+            return True
+        try:
+            if any(control & _LAST for _, control, _ in split_pdvs(memoryview(body))):
+                self._fallback_bytes = 0
+        except ProtocolError:
+            pass  # pynetdicom's decoder refuses it (Evt19)
+        return False
+
+    def _refuse(self, reason: str) -> None:
+        """A-ABORT and close at once, without reading (or allocating) the rest."""
+        log.warning("aborting association: %s", reason)
+        sock = self.socket
+        assert sock is not None
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = _INVALID_PARAMETER
+        try:
+            sock.send(abort_pdu.encode())
+        except OSError:
+            pass  # the peer may be gone already; closing is what matters
+        # close() queues Evt17: the state machine issues A-P-ABORT to the association
+        # (recorded aborted) or, before one was established, just ends.
+        sock.close()
 
     def _fast_store(self) -> FastStore | None:
         if self._fast is None:
@@ -221,6 +296,10 @@ class FastAssociation(Association):
         super().__init__(ae, mode)
         self._wake = threading.Event()
         self.dul = FastDUL(self)
+        # The setters put these on the DUL's ARTIM and idle timers; re-apply them to
+        # the new DUL (else ARTIM stays at the DUL's built-in 30 s, the idle at 60 s).
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
         self.dul.to_user_queue = _SignallingQueue(self._wake)
         self.dimse.msg_queue = _SignallingQueue(self._wake)
 
@@ -312,7 +391,13 @@ class FastRequestHandler(RequestHandler):
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        # Until the A-ASSOCIATE-RQ is in, a read stalled mid-PDU gives up after the
+        # association timeout (ARTIM covers a peer that sends nothing at all).
+        self.request.settimeout(self.ae.acse_timeout)
         assoc.set_socket(FastSocket(assoc, client_socket=self.request))
+        assert isinstance(assoc.dul, FastDUL)
+        assoc.dul.max_p_data = p_data_limit(self.ae.maximum_pdu_size)
+        assoc.dul.max_message_part = getattr(self.server, "max_instance_bytes", 1 << 62)
 
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title

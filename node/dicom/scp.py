@@ -50,7 +50,9 @@ def make_ae(config: NodeConfig) -> AE:
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = config.max_associations
     ae.network_timeout = config.network_timeout_s
-    ae.acse_timeout = config.network_timeout_s
+    # The acceptor's ACSE timeout is its ARTIM timer: how long a connection may take to
+    # send its A-ASSOCIATE-RQ (pynetdicom closes it then).
+    ae.acse_timeout = config.association_timeout_s
     ae.dimse_timeout = config.network_timeout_s
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
@@ -92,6 +94,7 @@ class StorageSCP:
         set_nodelay(server.socket)
         server.on_association_end = self._on_end  # type: ignore[attr-defined]
         server.fast_store_handler = self._fast_store  # type: ignore[attr-defined]
+        server.max_instance_bytes = self.config.max_instance_mb << 20  # type: ignore[attr-defined]
         self._server = server
         self.ae._servers.append(server)
         threading.Thread(
@@ -131,6 +134,40 @@ class StorageSCP:
             self._record_rejection(assoc, calling, reason)
             return
         log.info("association %s from %s (%s:%s)", row, calling, requestor.address, requestor.port)
+        if self._over_host_limit(assoc):
+            self._reject_busy_host(assoc, row)
+
+    def _over_host_limit(self, assoc: Association) -> bool:
+        """Established associations from the requestor's address, against the limit.
+
+        Connections still negotiating do not count (they are bounded by
+        node.association_timeout_s and node.max_associations): a peer's own hung
+        connections must not lock it out of the associations it completes.
+        """
+        address = assoc.requestor.address
+        busy = sum(
+            1
+            for other in self.ae.active_associations
+            if other is not assoc and other.is_established and other.requestor.address == address
+        )
+        return busy >= self.config.max_associations_per_host
+
+    def _reject_busy_host(self, assoc: Association, row: int | None) -> None:
+        log.warning(
+            "rejecting association from %s: %s established associations already "
+            "(node.max_associations_per_host)",
+            assoc.requestor.address,
+            self.config.max_associations_per_host,
+        )
+        # Rejected-transient, service provider (presentation), local limit exceeded: the
+        # peer may retry later. pynetdicom then skips negotiation (is_rejected is set).
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        setattr(assoc, _ASSOC_ID, None)
+        if row is not None:
+            try:
+                self.audit.close(row, AssociationOutcome.REJECTED)
+            except SQLAlchemyError:
+                log.exception("could not record rejected association")
 
     def _on_rejected(self, event: evt.Event) -> None:
         """Associations pynetdicom rejects while negotiating (our called AE title)."""

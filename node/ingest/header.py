@@ -81,13 +81,41 @@ _VR_OF = {keyword: dictionary_VR(tag) for keyword, tag in _TAG_OF.items()}
 _ASCII_VRS = frozenset({"UI", "CS", "DA", "TM", "IS", "DS"})
 
 
-def inflate(raw: bytes) -> bytes:
+#: Inflated in pieces of this size, so a deflate bomb costs at most the limit.
+_INFLATE_STEP = 1 << 20
+
+
+def inflate(raw: bytes, max_size: int | None = None) -> BytesIO:
     """Undo the deflate encoding of a dataset (Deflated Explicit VR Little Endian and
-    the JPIP Referenced Deflate syntaxes): a raw deflate stream."""
-    return zlib.decompress(raw, -zlib.MAX_WBITS)
+    the JPIP Referenced Deflate syntaxes): a raw deflate stream.
+
+    Raises
+    ------
+    HeaderError
+        *Out of resources* when the inflated dataset exceeds ``max_size`` bytes (the
+        stream is not inflated further: a 1 MB "bomb" must not take gigabytes).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = BytesIO()
+    pending = memoryview(raw)
+    while pending and not inflater.eof:
+        out.write(inflater.decompress(pending, _INFLATE_STEP))
+        pending = memoryview(inflater.unconsumed_tail)
+        if max_size is not None and out.tell() > max_size:
+            raise HeaderError(StoreStatus.OUT_OF_RESOURCES, too_large_comment(max_size, "inflated "))
+    out.write(inflater.flush())
+    if max_size is not None and out.tell() > max_size:
+        raise HeaderError(StoreStatus.OUT_OF_RESOURCES, too_large_comment(max_size, "inflated "))
+    out.seek(0)
+    return out
 
 
-def parse_dataset(raw: bytes, transfer_syntax: str) -> Dataset:
+def too_large_comment(max_size: int, what: str = "") -> str:
+    """The Error Comment of a refusal by size (at most 64 characters)."""
+    return f"{what}dataset over node.max_instance_mb ({max_size >> 20} MiB)"
+
+
+def parse_dataset(raw: bytes, transfer_syntax: str, max_size: int | None = None) -> Dataset:
     """Parse the whole dataset's element structure (Pixel Data included); values stay
     raw until read.
 
@@ -96,14 +124,17 @@ def parse_dataset(raw: bytes, transfer_syntax: str) -> Dataset:
     Raises
     ------
     HeaderError
-        With status *cannot understand* when the bytes are not a DICOM dataset.
+        With status *cannot understand* when the bytes are not a DICOM dataset, *out
+        of resources* when a deflated one inflates beyond ``max_size`` bytes.
     """
     ts = UID(transfer_syntax)
     try:
-        data = inflate(raw) if ts.is_deflated else raw
+        data = inflate(raw, max_size) if ts.is_deflated else BytesIO(raw)
         dataset = read_dataset(
-            BytesIO(data), is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian
+            data, is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian
         )
+    except HeaderError:
+        raise
     except Exception as exc:  # pydicom raises many types on garbage input
         raise HeaderError(
             StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"

@@ -26,6 +26,7 @@ from node.ingest.header import (
     extract_header,
     parse_dataset,
     parse_prefix,
+    too_large_comment,
 )
 from node.ingest.index import InstanceIndex
 from node.ingest.storage import (
@@ -73,8 +74,11 @@ class Ingestor:
         index: InstanceIndex,
         audit: AssociationLog | None = None,
         workers: int = 64,
+        max_instance_bytes: int = 4096 << 20,
     ) -> None:
         self.store = store
+        # node.max_instance_mb: the largest dataset (inflated, for deflate) accepted.
+        self.max_instance_bytes = max_instance_bytes
         self.index = index
         self.audit = audit
         # Each request may hold two workers, one waiting for the other: ``workers``
@@ -140,7 +144,9 @@ class Ingestor:
         self, request: StoreRequest, dataset: bytes, staging: Future[StagedFile], size: int
     ) -> StoreResult:
         try:
-            header = extract_header(parse_dataset(dataset, request.transfer_syntax))
+            header = extract_header(
+                parse_dataset(dataset, request.transfer_syntax, self.max_instance_bytes)
+            )
         except HeaderError as exc:
             return StoreResult(exc.status, exc.reason)
         mismatch = _mismatch(header, request)
@@ -233,7 +239,9 @@ class Ingestor:
             # Elements after Pixel Data, encapsulated (compressed) pixels, or a short
             # dataset: check the whole of it as the normal path does.
             try:
-                parse_dataset(incoming.dataset(), request.transfer_syntax)
+                parse_dataset(
+                    incoming.dataset(), request.transfer_syntax, self.max_instance_bytes
+                )
             except HeaderError as exc:
                 writer.discard()
                 self._take_back(early, request.association_id)
@@ -352,9 +360,15 @@ class Incoming:
         self.early: Early | None = None
         self._looking = writer is not None and refusal is None
         self._fragments: list[bytes | memoryview] = []
+        # Bytes still allowed before the dataset exceeds node.max_instance_mb.
+        self._room = ingestor.max_instance_bytes
 
     def write(self, fragment: bytes | memoryview) -> None:
         """Take the next piece of the encoded dataset."""
+        self._room -= len(fragment)
+        if self._room < 0:
+            self._refuse_size()
+            return
         self._fragments.append(fragment)
         if self.writer is not None:
             self.writer.write(fragment)
@@ -385,6 +399,18 @@ class Incoming:
         meta_size = self.writer.size - len(data)
         size = meta_size + dataset_size if dataset_size >= 0 else -1
         self.early = self.ingestor.index_early(self, header, size)
+
+    def _refuse_size(self) -> None:
+        """Too large: drop what arrived (file, fragments, early row); the rest of the
+        dataset is still read off the association and ignored, then refused."""
+        if self.refusal is None:
+            limit = self.ingestor.max_instance_bytes
+            self.refusal = StoreResult(StoreStatus.OUT_OF_RESOURCES, too_large_comment(limit))
+            self.abort()
+            self.writer = None
+            self.early = None
+            self._looking = False
+        self._fragments = []
 
     def dataset(self) -> bytes:
         data = b"".join(self._fragments)

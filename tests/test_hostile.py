@@ -1,0 +1,222 @@
+"""Memory is bounded by the configuration, never by what a peer claims.
+
+Real sockets against a real node: PDU lengths beyond the limits are aborted before
+anything is allocated, slow negotiators are closed, one host cannot take every
+association, and oversized or deflate-bomb datasets are refused with 0xA700.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from tests.conftest import NodeProcess, dcmtk_env, query, require_tool
+from tests.test_refusals import (
+    associate,
+    association_rows,
+    encode,
+    instance,
+    raw_send,  # noqa: F401  (a fixture)
+    store,
+    write_part10,
+)
+
+_CLAIM = 0xFFFFFFF0  # ~4 GiB
+OUT_OF_RESOURCES = 0xA700
+
+
+def _node(make_node: Any, **keys: str) -> NodeProcess:
+    env = {f"PACSNODE__NODE__{key.upper()}": value for key, value in keys.items()}
+    return make_node(extra_env=env)
+
+
+def _rss_kb(node: NodeProcess, field: str = "VmRSS") -> int:
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+def _read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """All bytes the node sends until it closes the connection, and how long it took."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    received = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+
+
+def _connect(node: NodeProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", node.port), timeout=10)
+
+
+def _echoscu(node: NodeProcess, calling: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", "-v", "-aet", calling, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )
+
+
+def _deflate_bomb(inflated: int) -> bytes:
+    """A deflated CT dataset whose Pixel Data (OB, all zeros) inflates to ``inflated``."""
+    ds = instance(generate_uid(), generate_uid(), PixelData=None)
+    head = encode(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, inflated)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [packer.compress(head)]
+    zeros = bytes(1 << 20)
+    for _ in range(inflated >> 20):
+        parts.append(packer.compress(zeros))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def _send_bomb(node: NodeProcess, tmp_path: Path, inflated: int) -> tuple[int, str]:
+    bomb = _deflate_bomb(inflated)
+    sop = generate_uid()
+    path = write_part10(tmp_path / "bomb.dcm", bomb, CTImageStorage, sop,
+                        DeflatedExplicitVRLittleEndian)
+    assoc = associate(node, "BOMBER", (CTImageStorage, DeflatedExplicitVRLittleEndian))
+    try:
+        return store(assoc, path)
+    finally:
+        assoc.release()
+
+
+def _assert_nothing_kept(node: NodeProcess) -> None:
+    incoming = node.data_dir / "incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+    assert query(node.db_url, "select count(*) as n from instances")[0]["n"] == 0
+
+
+def test_oversized_negotiation_pdu_is_aborted_at_once(make_node: Any) -> None:
+    node = _node(make_node)
+    for pdu_type in (0x01, 0x04):  # an A-ASSOCIATE-RQ, or a P-DATA before association
+        with _connect(node) as sock:
+            sock.sendall(struct.pack(">BBL", pdu_type, 0, _CLAIM))
+            received, took = _read_until_closed(sock, 10)
+        assert received[:1] == b"\x07", received  # A-ABORT, then closed
+        assert took < 5
+    assert "claims 4294967280 bytes" in node.log()
+
+
+def test_oversized_p_data_after_association_is_aborted(make_node: Any) -> None:
+    node = _node(make_node, max_pdu="16384")
+    ae = AE(ae_title="BIGPDU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    # One byte over what we negotiated: the body is never read.
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 16384 + 1))
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert association_rows(node)["BIGPDU"]["outcome"] == "aborted"
+    assert _echoscu(node).returncode == 0  # the node goes on
+
+
+def test_slow_negotiator_is_closed_after_the_timeout(make_node: Any) -> None:
+    node = _node(make_node, association_timeout_s="1")
+    with _connect(node) as silent, _connect(node) as stalled:
+        stalled.sendall(b"\x01\x00\x00")  # half a PDU header, then nothing
+        _, took_silent = _read_until_closed(silent, 15)
+        _, took_stalled = _read_until_closed(stalled, 15)
+    assert 0.5 < took_silent < 5
+    assert took_stalled < 5
+
+
+def test_per_host_limit_rejects_transient(make_node: Any) -> None:
+    require_tool("echoscu")
+    node = _node(make_node, max_associations_per_host="2")
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title=node.ae_title) for _ in range(2)]
+    assert all(assoc.is_established for assoc in held)
+    refused = _echoscu(node, "THIRD")
+    assert refused.returncode != 0
+    output = (refused.stdout + refused.stderr).lower()
+    assert "rejected transient" in output and "local limit exceeded" in output, output
+    held.pop().release()
+    time.sleep(0.3)
+    assert _echoscu(node, "FOURTH").returncode == 0
+    held.pop().release()
+    rows = query(node.db_url, "select outcome from associations where calling_ae = 'THIRD'")
+    assert rows == [{"outcome": "rejected"}]
+
+
+def test_instance_over_max_instance_mb_is_refused(make_node: Any) -> None:
+    node = _node(make_node, max_instance_mb="1")
+    ds = instance(generate_uid(), generate_uid(), Rows=1024, Columns=1024,
+                  PixelData=bytes(2 << 20))
+    ds.file_meta = None
+    assoc = associate(node, "TOOBIG")
+    try:
+        status, comment = store(assoc, ds)
+        assert status == OUT_OF_RESOURCES
+        assert "node.max_instance_mb" in comment
+        small = instance(generate_uid(), generate_uid())
+        assert store(assoc, small)[0] == 0x0000  # the association goes on
+    finally:
+        assoc.release()
+    assert query(node.db_url, "select count(*) as n from instances")[0]["n"] == 1
+    incoming = node.data_dir / "incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+
+
+@pytest.mark.usefixtures("raw_send")
+def test_deflate_bomb_is_refused(make_node: Any, tmp_path: Path) -> None:
+    node = _node(make_node, max_instance_mb="8")
+    status, comment = _send_bomb(node, tmp_path, 64 << 20)
+    assert status == OUT_OF_RESOURCES, comment
+    assert "inflated dataset over node.max_instance_mb (8 MiB)" == comment
+    _assert_nothing_kept(node)
+
+
+@pytest.mark.usefixtures("raw_send")
+def test_memory_budget_under_hostile_input(make_node: Any, tmp_path: Path) -> None:
+    """16 connections claiming ~4 GiB PDUs and a 1 GiB deflate bomb: the node's memory
+    stays within 300 MB of where it was, and it goes on serving."""
+    require_tool("storescu", "echoscu")
+    node = _node(make_node, max_instance_mb="64")
+    assert _echoscu(node).returncode == 0
+    before = _rss_kb(node)
+    hostile = [_connect(node) for _ in range(16)]
+    try:
+        for number, sock in enumerate(hostile):
+            pdu_type = 0x04 if number % 2 else 0x01
+            sock.sendall(struct.pack(">BBL", pdu_type, 0, _CLAIM))
+        status, comment = _send_bomb(node, tmp_path, 1 << 30)
+        assert status == OUT_OF_RESOURCES, comment
+        ds = instance(generate_uid(), generate_uid())
+        path = write_part10(tmp_path / "ok.dcm", encode(ds), ds.SOPClassUID,
+                            ds.SOPInstanceUID, ExplicitVRLittleEndian)
+        node.storescu(path)
+        assert _echoscu(node).returncode == 0
+    finally:
+        for sock in hostile:
+            sock.close()
+    peak = _rss_kb(node, "VmHWM")
+    after = _rss_kb(node)
+    print(f"RSS before {before} kB, after {after} kB, peak {peak} kB "
+          f"(peak growth {(peak - before) / 1024:.1f} MB)")
+    assert peak - before < 300 * 1024
+    assert query(node.db_url, "select count(*) as n from instances")[0]["n"] == 1
