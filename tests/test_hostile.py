@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -220,3 +221,22 @@ def test_memory_budget_under_hostile_input(make_node: Any, tmp_path: Path) -> No
           f"(peak growth {(peak - before) / 1024:.1f} MB)")
     assert peak - before < 300 * 1024
     assert query(node.db_url, "select count(*) as n from instances")[0]["n"] == 1
+
+
+def test_fallback_path_is_bounded_too(make_node: Any) -> None:
+    """With PDUs too small for a whole command set, C-STOREs go through pynetdicom,
+    which gathers the dataset in memory: the node aborts it at node.max_instance_mb."""
+    node = _node(make_node, max_pdu="100", max_instance_mb="1")
+    ds = instance(generate_uid(), generate_uid(), Rows=1024, Columns=576,
+                  PixelData=bytes(1024 * 576 * 2))
+    ae = AE(ae_title="FALLBACK")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    status = assoc.send_c_store(ds)
+    assert not status  # no response: the association was aborted
+    assert assoc.is_aborted
+    assert "message part over 1048576 bytes" in node.log()
+    _assert_nothing_kept(node)
