@@ -237,6 +237,9 @@ def test_fallback_path_is_bounded_too(make_node: Any) -> None:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     status = assoc.send_c_store(ds)
     assert not status  # no response: the association was aborted
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert assoc.is_aborted
     assert "message part over 1048576 bytes" in node.log()
     _assert_nothing_kept(node)
