@@ -135,7 +135,7 @@ class StorageSCP:
             return
         log.info("association %s from %s (%s:%s)", row, calling, requestor.address, requestor.port)
         if self._over_host_limit(assoc):
-            self._reject_busy_host(assoc, row)
+            self._reject_busy_host(assoc, calling)
 
     def _over_host_limit(self, assoc: Association) -> bool:
         """Established associations from the requestor's address, against the limit.
@@ -152,22 +152,13 @@ class StorageSCP:
         )
         return busy >= self.config.max_associations_per_host
 
-    def _reject_busy_host(self, assoc: Association, row: int | None) -> None:
-        log.warning(
-            "rejecting association from %s: %s established associations already "
-            "(node.max_associations_per_host)",
-            assoc.requestor.address,
-            self.config.max_associations_per_host,
-        )
+    def _reject_busy_host(self, assoc: Association, calling: str) -> None:
         # Rejected-transient, service provider (presentation), local limit exceeded: the
         # peer may retry later. pynetdicom then skips negotiation (is_rejected is set).
         assoc.acse.send_reject(0x02, 0x03, 0x02)
-        setattr(assoc, _ASSOC_ID, None)
-        if row is not None:
-            try:
-                self.audit.close(row, AssociationOutcome.REJECTED)
-            except SQLAlchemyError:
-                log.exception("could not record rejected association")
+        self._record_rejection(assoc, calling, (
+            f"{self.config.max_associations_per_host} associations from this host are "
+            "established already (node.max_associations_per_host)"))
 
     def _on_rejected(self, event: evt.Event) -> None:
         """Associations pynetdicom rejects while negotiating (our called AE title)."""
