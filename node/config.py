@@ -84,12 +84,14 @@ class NodeConfig(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
-def _mode(value: Any, allowed: int) -> int:
-    """A permission mode as YAML gives it (0640 is octal in YAML 1.1) or as "0640"."""
+def _mode(value: Any, required: int, allowed: int) -> int:
+    """A permission mode as YAML gives it (0640 is octal in YAML 1.1) or as "0640":
+    at least ``required`` (the owner's bits), at most ``allowed`` (owner and group)."""
     mode = int(value, 8) if isinstance(value, str) else value
-    if not isinstance(mode, int) or isinstance(mode, bool) or mode & ~allowed:
-        raise ValueError(f"must be an octal mode within {allowed:04o} (owner and group only), "
-                         f"got {value!r}")
+    if (not isinstance(mode, int) or isinstance(mode, bool)
+            or mode & ~allowed or mode & required != required):
+        raise ValueError(f"must be an octal mode from {required:04o} to {allowed:04o} "
+                         f"(owner and group only), got {value!r}")
     return mode
 
 
@@ -107,18 +109,12 @@ class StorageConfig(_Section):
     @field_validator("file_mode", mode="before")
     @classmethod
     def _file_mode(cls, value: Any) -> int:
-        mode = _mode(value, 0o660)
-        if mode & 0o600 != 0o600:
-            raise ValueError(f"must let the owner read and write (0600), got {mode:04o}")
-        return mode
+        return _mode(value, required=0o600, allowed=0o660)
 
     @field_validator("dir_mode", mode="before")
     @classmethod
     def _dir_mode(cls, value: Any) -> int:
-        mode = _mode(value, 0o770)
-        if mode & 0o700 != 0o700:
-            raise ValueError(f"must give the owner rwx (0700), got {mode:04o}")
-        return mode
+        return _mode(value, required=0o700, allowed=0o770)
 
 
 class DatabaseConfig(_Section):
