@@ -88,13 +88,6 @@ def trunk_anatomy(spec: RegionSpec, rng: np.random.Generator) -> Trunk:
     )
 
 
-def _inner(tr: Trunk) -> tuple[float, float]:
-    """Semi-axes of the cavity inside fat and muscle."""
-    return max(tr.ap - tr.fat - tr.muscle, tr.ap * 0.45), max(
-        tr.lr - tr.fat - tr.muscle, tr.lr * 0.45
-    )
-
-
 def draw_wall(c: Canvas, tr: Trunk, ap: float, lr: float) -> tuple[float, float]:
     """Skin, subcutaneous fat and the muscle wall; returns the inner semi-axes."""
     c.ellipse(0.0, 0.0, ap, lr, SOFT_TISSUE_HU, label=LABEL_BODY)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -136,6 +137,16 @@ class EncoderIdentity:
             device_serial_number=device_serial_number or "",
             institution_name=institution_name,
         )
+
+    def device_attributes(self) -> dict[str, Any]:
+        """The General Equipment attributes highdicom takes for every instance we create."""
+        return {
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.model_name,
+            "software_versions": self.software_version,
+            "device_serial_number": self.device_serial_number,
+            "institution_name": self.institution_name,
+        }
 
     def observer_context(self) -> hd.sr.ObserverContext:
         """The device observer context (TID 1004) for the SR."""

@@ -135,14 +135,10 @@ def build_segmentation(
         series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=instance_number,
-        manufacturer=identity.manufacturer,
-        manufacturer_model_name=identity.model_name,
-        software_versions=identity.software_version,
-        device_serial_number=identity.device_serial_number,
         transfer_syntax_uid=transfer_syntax_uid,
         omit_empty_frames=omit_empty_frames,
         series_description=series_description,
-        institution_name=identity.institution_name,
+        **identity.device_attributes(),
     )
     if seg.get("SeriesDescription") != series_description:
         seg.SeriesDescription = series_description

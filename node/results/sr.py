@@ -315,13 +315,9 @@ def build_measurement_report(
         series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=instance_number,
-        manufacturer=identity.manufacturer,
-        manufacturer_model_name=identity.model_name,
-        software_versions=identity.software_version,
-        device_serial_number=identity.device_serial_number,
-        institution_name=identity.institution_name,
         series_description=series_description,
         is_complete=True,
+        **identity.device_attributes(),
     )
     if agreement:
         sr.CodingSchemeIdentificationSequence = [_private_scheme()]
