@@ -160,8 +160,10 @@ def test_per_host_limit_rejects_transient(make_node: Any) -> None:
     time.sleep(0.3)
     assert _echoscu(node, "FOURTH").returncode == 0
     held.pop().release()
-    rows = query(node.db_url, "select outcome from associations where calling_ae = 'THIRD'")
-    assert rows == [{"outcome": "rejected"}]
+    rows = query(node.db_url,
+                 "select outcome, reason from associations where calling_ae = 'THIRD'")
+    assert rows == [{"outcome": "rejected", "reason": "2 associations from this host are "
+                     "established already (node.max_associations_per_host)"}]
 
 
 def test_instance_over_max_instance_mb_is_refused(make_node: Any) -> None:
