@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -108,6 +110,10 @@ class AssociationRecord(Base):
     #: Why the node refused it (``rejected``); NULL for the others and for rows older
     #: than the column.
     reason: Mapped[str | None] = mapped_column(String(255))
+    #: Whether it came over DICOM TLS, and the subject of the client certificate it
+    #: showed (NULL: none, or a row older than the columns).
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    peer_certificate: Mapped[str | None] = mapped_column(String(255))
 
 
 class Patient(Base):

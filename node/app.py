@@ -98,6 +98,8 @@ class Node:
     port
         The port the DICOM listener is bound to, once started (``node.port: 0`` binds
         a free one).
+    tls_port
+        The DICOM TLS listener's port, once started; ``None`` without ``node.tls``.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -106,6 +108,8 @@ class Node:
         # Stopped in reverse order of starting: the listener first, the database last.
         self._stops: list[Callable[[], None]] = []
         self.port: int | None = None
+        self.tls_port: int | None = None
+        self.scp: Any = None
 
     def start(self) -> None:
         """Start every service; on an error, stop what was started and raise it.
@@ -143,7 +147,7 @@ class Node:
 
     def _start(self) -> None:
         from node.dicom.access import CallingAEPolicy
-        from node.dicom.scp import StorageSCP
+        from node.dicom.scp import ListenError, StorageSCP
         from node.ingest.associations import AssociationLog
         from node.ingest.index import InstanceIndex
         from node.ingest.ingestor import Ingestor
@@ -152,6 +156,7 @@ class Node:
         settings = self.settings
         check_pipelines(settings)
         policy = CallingAEPolicy(settings.security)  # resolves host names: fail early
+        _check_destination_tls(settings)
         _make_data_dir(settings)
         engine = self.engine = open_database(settings)
         self._stops.append(engine.dispose)
@@ -167,15 +172,13 @@ class Node:
         )
         self._stops.append(ingestor.close)
         on_stable = self._start_workflow(engine)
-        scp = StorageSCP(settings.node, ingestor, audit, policy)
+        scp = self.scp = StorageSCP(settings.node, ingestor, audit, policy)
+        self._stops.append(scp.stop)  # also when only one of the two listeners started
         try:
             _host, self.port = scp.start()
-        except OSError as exc:
-            raise StartError(
-                f"cannot listen on {settings.node.host}:{settings.node.port} ({exc.strerror}); "
-                "set node.port to a free port"
-            ) from None
-        self._stops.append(scp.stop)
+        except ListenError as exc:
+            raise StartError(str(exc)) from None
+        self.tls_port = scp.tls_port
         log.log(logging.WARNING if policy.loopback_only and not _loopback(settings.node.host)
                 else logging.INFO, "security: %s", policy.describe())
         self._start_monitor(engine, on_stable)
@@ -223,6 +226,16 @@ def _recover_ingest(audit: Any, index: Any, store: Any) -> None:
             log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
     if removed := store.clean_incoming():
         log.info("removed %s staged files abandoned by an earlier crash", removed)
+
+
+def _check_destination_tls(settings: Settings) -> None:
+    """A TLS destination's CA, certificate and key load now, not at the first result."""
+    from node.workflow.delivery import destination_peer
+
+    for dest in settings.destinations:
+        peer = destination_peer(settings, dest)
+        if peer.tls is not None:
+            peer.tls.context()
 
 
 def _loopback(host: str) -> bool:

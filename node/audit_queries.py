@@ -238,6 +238,8 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
                 "calling_ae": record.calling_ae,
                 "called_ae": record.called_ae,
                 "peer": f"{record.peer_host}:{record.peer_port}",
+                "tls": bool(record.tls),
+                "peer_certificate": record.peer_certificate,
                 "started_at": _iso(record.started_at),
                 "ended_at": _iso(record.ended_at),
                 "outcome": record.outcome,

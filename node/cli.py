@@ -44,12 +44,37 @@ def _peer_defaults(settings: Settings, args: argparse.Namespace) -> Any:
     from node.dicom.scu import Peer
 
     host = args.host or ("127.0.0.1" if settings.node.host in ("0.0.0.0", "::") else settings.node.host)
+    tls = _tls_options(args)
+    # With TLS and no --port, this node's own TLS listener is the natural default.
+    default_port = settings.node.tls.port if tls and settings.node.tls else settings.node.port
     return Peer(
         host=host,
-        port=args.port or settings.node.port,
+        port=args.port or default_port,
         ae_title=args.called_ae or settings.node.ae_title,
         calling_ae=args.calling_ae,
+        tls=tls,
     )
+
+
+def _tls_options(args: argparse.Namespace) -> Any:
+    """--tls-ca/--tls-cert/--tls-key as a ClientTLS, with their files checked now."""
+    from node.config import ConfigError
+    from node.dicom.tls import ClientTLS
+
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise CLIError("--tls-cert/--tls-key need --tls-ca (the CA that signed the "
+                           "peer's certificate)")
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CLIError("--tls-cert and --tls-key go together (our certificate and its key)")
+    tls = ClientTLS(Path(args.tls_ca), args.tls_cert and Path(args.tls_cert),
+                    args.tls_key and Path(args.tls_key), key="--tls")
+    try:
+        tls.context()
+    except ConfigError as exc:
+        raise CLIError(str(exc).replace("invalid configuration:\n  ", "")) from None
+    return tls
 
 
 # -- commands -----------------------------------------------------------------
@@ -281,6 +306,11 @@ def _add_peer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="peer port (default: node.port)")
     parser.add_argument("--called-ae", help="peer AE title (default: node.ae_title)")
     parser.add_argument("--calling-ae", default="PACSNODE_SCU", help="our AE title")
+    parser.add_argument("--tls-ca", metavar="PEM", help="use DICOM TLS; the CA certificates "
+                        "the peer's certificate must be signed by (default port: node.tls.port)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="our certificate, for a peer that "
+                        "requires one (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,6 +60,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ListenerTLS(_Section):
+    """The node's DICOM TLS listener (PS3.15 Annex B): its port, its certificate and
+    key (PEM), and the CA bundle client certificates must be signed by."""
+
+    port: int = Field(2762, ge=1, le=65535)
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> Self:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("ca_certificates is needed to verify client certificates "
+                             "(or set require_client_certificate: false)")
+        return self
+
+
+class PeerTLS(_Section):
+    """DICOM TLS towards a peer: the CA bundle that signed its certificate, and our
+    certificate and key (PEM) for a peer that asks for one."""
+
+    ca_certificates: Path
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (give both or neither)")
+        return self
+
+
 class NodeConfig(_Section):
     """The DICOM listener: who we are and where we listen."""
 
@@ -80,8 +113,17 @@ class NodeConfig(_Section):
     max_instance_mb: int = Field(
         4096, ge=1, description="Largest dataset accepted (MiB), inflated size for deflate."
     )
+    tls: ListenerTLS | None = Field(
+        None, description="a second listener for DICOM TLS (unset: none)"
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> Self:
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError("tls.port must differ from port (the plain listener)")
+        return self
 
 
 def _mode(value: Any, required: int, allowed: int) -> int:
@@ -143,6 +185,9 @@ class Destination(_Section):
     ae_title: str
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    tls: PeerTLS | None = Field(
+        None, description="send over DICOM TLS, verifying the peer's certificate"
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -53,13 +53,16 @@ class Orthanc:
 
     @classmethod
     def start(cls, folder: Path, aet: str = "ORTHANC",
-              ports: tuple[int, int] | None = None) -> Orthanc:
-        """Start Orthanc; ``ports`` = (HTTP, DICOM), free ones when not given."""
+              ports: tuple[int, int] | None = None,
+              extra_config: dict[str, Any] | None = None) -> Orthanc:
+        """Start Orthanc; ``ports`` = (HTTP, DICOM), free ones when not given;
+        ``extra_config`` adds or overrides configuration keys (DICOM TLS, say)."""
         folder.mkdir(parents=True, exist_ok=True)
         http_port, dicom_port = ports or free_ports(2)
         server = cls(folder, http_port, dicom_port, aet)
         config = folder / "orthanc.json"
-        config.write_text(json.dumps(orthanc_config(folder, http_port, dicom_port, aet)))
+        config.write_text(json.dumps({**orthanc_config(folder, http_port, dicom_port, aet),
+                                      **(extra_config or {})}))
         with (folder / "orthanc.log").open("wb") as log:
             env = dict(os.environ, TCP_NODELAY="1")
             server.proc = subprocess.Popen(["Orthanc", str(config)], stdout=log,

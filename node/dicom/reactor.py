@@ -384,8 +384,32 @@ def _copy_context(context: PresentationContext) -> PresentationContext:
 class FastRequestHandler(RequestHandler):
     """Creates :class:`FastAssociation` acceptors with a :class:`FastSocket`.
 
-    Mirrors ``RequestHandler._create_association`` of pynetdicom 3.0.
+    Mirrors ``RequestHandler._create_association`` of pynetdicom 3.0. On the TLS
+    listener (:class:`node.dicom.tls.TLSAssociationServer`) it first completes the TLS
+    handshake, in this connection's thread.
     """
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
+            return
+        super().handle()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """Shake hands within the association timeout; a failure closes the connection
+        before any DICOM is read (a plain TCP peer on this port gets nothing)."""
+        sock.settimeout(self.ae.acse_timeout)
+        try:
+            sock.do_handshake()
+            return True
+        except (ssl.SSLError, OSError) as exc:
+            on_refused = getattr(self.server, "on_tls_refused", None)
+            if on_refused is not None:
+                on_refused(self.client_address, exc)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            return False
 
     def _create_association(self) -> Association:
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)

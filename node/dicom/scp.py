@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from typing import Any
 
@@ -24,6 +25,7 @@ from node.config import NodeConfig
 from node.dicom.access import CallingAEPolicy
 from node.dicom.codec import Command
 from node.dicom.reactor import FastRequestHandler
+from node.dicom.tls import TLSAssociationServer, peer_subject, server_context
 from node.ingest.associations import AssociationLog
 from node.ingest.ingestor import Incoming, Ingestor, StoreRequest, StoreResult
 
@@ -60,6 +62,10 @@ def make_ae(config: NodeConfig) -> AE:
     return ae
 
 
+class ListenError(OSError):
+    """A listener's port cannot be bound; the message names the key to change."""
+
+
 class StorageSCP:
     """Binds the event handlers and runs the listener in background threads."""
 
@@ -71,6 +77,9 @@ class StorageSCP:
         self.policy = policy
         self.ae = make_ae(config)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: TLSAssociationServer | None = None
+        #: The TLS listener's port, once started (None without ``node.tls``).
+        self.tls_port: int | None = None
 
     @property
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -83,26 +92,64 @@ class StorageSCP:
         ]
 
     def start(self) -> tuple[str, int]:
-        """Start listening; returns the bound (host, port)."""
-        address = (self.config.host, self.config.port)
-        server = self.ae.make_server(
-            address,
-            evt_handlers=self.handlers,
-            server_class=ThreadedAssociationServer,
-            request_handler=FastRequestHandler,
-        )
+        """Start listening (and on ``node.tls.port`` with TLS); returns the plain
+        listener's bound (host, port).
+
+        Raises
+        ------
+        node.config.ConfigError
+            A TLS certificate, key or CA file cannot be loaded.
+        ListenError
+            A port cannot be bound.
+        """
+        context = server_context(self.config.tls) if self.config.tls else None
+        self._server = self._serve(self.config.port, ThreadedAssociationServer, None)
+        host, port = self._server.server_address[:2]
+        log.info("listening as %s on %s:%s", self.config.ae_title, host, port)
+        if self.config.tls is not None:
+            self._tls_server = self._serve(self.config.tls.port, TLSAssociationServer, context)
+            self._tls_server.on_tls_refused = self._on_tls_refused  # type: ignore[attr-defined]
+            self.tls_port = int(self._tls_server.server_address[1])
+            log.info("listening as %s on %s:%s with DICOM TLS (client certificate %s)",
+                     self.config.ae_title, host, self.tls_port,
+                     "required" if self.config.tls.require_client_certificate else "optional")
+        return str(host), int(port)
+
+    def _serve(self, port: int, server_class: type[ThreadedAssociationServer],
+               context: ssl.SSLContext | None) -> ThreadedAssociationServer:
+        try:
+            server = self.ae.make_server(
+                (self.config.host, port),
+                evt_handlers=self.handlers,
+                server_class=server_class,
+                request_handler=FastRequestHandler,
+                ssl_context=context,
+            )
+        except OSError as exc:
+            key = "node.tls.port" if context is not None else "node.port"
+            raise ListenError(f"cannot listen on {self.config.host}:{port} "
+                              f"({exc.strerror or exc}); set {key} to a free port") from None
         set_nodelay(server.socket)
         server.on_association_end = self._on_end  # type: ignore[attr-defined]
         server.fast_store_handler = self._fast_store  # type: ignore[attr-defined]
         server.max_instance_bytes = self.config.max_instance_mb << 20  # type: ignore[attr-defined]
-        self._server = server
         self.ae._servers.append(server)
         threading.Thread(
-            target=server.serve_forever, name="dicom-listener", daemon=True
+            target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True
         ).start()
-        host, port = server.server_address[:2]
-        log.info("listening as %s on %s:%s", self.config.ae_title, host, port)
-        return str(host), int(port)
+        return server
+
+    def reload_tls(self) -> None:
+        """Read the TLS listener's certificate, key and CA files again (new connections
+        use them; established ones keep theirs).
+
+        Raises
+        ------
+        node.config.ConfigError
+            A file cannot be loaded; the listener keeps the files it had.
+        """
+        if self._tls_server is not None and self.config.tls is not None:
+            self._tls_server.ssl_context = server_context(self.config.tls)
 
     def stop(self) -> None:
         self.ae.shutdown()
@@ -123,7 +170,8 @@ class StorageSCP:
         calling = str(primitive.calling_ae_title).strip() if primitive else ""
         called = str(primitive.called_ae_title).strip() if primitive else ""
         try:
-            row = self.audit.open(calling, called, requestor.address, requestor.port)
+            row = self.audit.open(calling, called, requestor.address, requestor.port,
+                                  **_transport(assoc))
         except SQLAlchemyError:
             log.exception("could not record association from %s", calling)
             row = None
@@ -180,6 +228,21 @@ class StorageSCP:
                 self.audit.close(row, AssociationOutcome.REJECTED, reason)
             except SQLAlchemyError:
                 log.exception("could not record rejected association")
+
+    def _on_tls_refused(self, address: tuple[str, int], error: BaseException) -> None:
+        """A connection to the TLS port whose handshake failed: no association."""
+        if isinstance(error, (ssl.SSLEOFError, ConnectionError)) or (
+                isinstance(error, OSError) and not isinstance(error, (ssl.SSLError, TimeoutError))):
+            # Closed before (or during) the hello: a port check, not a peer to audit.
+            log.debug("connection from %s closed during the TLS handshake", address[0])
+            return
+        reason = f"TLS handshake failed: {_tls_reason(error)}"
+        log.warning("refused connection from %s:%s: %s", address[0], address[1], reason)
+        try:
+            row = self.audit.open("", "", address[0], address[1], tls=True)
+            self.audit.close(row, AssociationOutcome.REJECTED, reason)
+        except SQLAlchemyError:
+            log.exception("could not record the refused TLS connection")
 
     @staticmethod
     def _on_echo(event: evt.Event) -> int:
@@ -251,6 +314,36 @@ class StorageSCP:
             self.audit.close(row, outcome)
         except SQLAlchemyError:
             log.exception("could not close association record %s", row)
+
+
+def _transport(assoc: Association) -> dict[str, Any]:
+    """Whether the association came over TLS, and whose certificate it showed."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    tls = isinstance(sock, ssl.SSLSocket)
+    return {"tls": tls, "peer_certificate": peer_subject(sock) if tls else ""}
+
+
+def _tls_reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "no handshake within node.association_timeout_s"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"client certificate refused ({error.verify_message or error.reason})"
+    if isinstance(error, ssl.SSLError):
+        return _TLS_REASONS.get(error.reason or "", str(error.reason or error))
+    return str(error)
+
+
+# OpenSSL's reasons for the handshake failures an administrator meets most.
+_TLS_REASONS = {
+    "WRONG_VERSION_NUMBER": "not TLS (a plain DICOM connection to the TLS port?)",
+    "HTTP_REQUEST": "not TLS (an HTTP request)",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        "the client sent no certificate (node.tls.require_client_certificate)",
+    "CERTIFICATE_VERIFY_FAILED":
+        "client certificate not signed by node.tls.ca_certificates",
+    "UNSUPPORTED_PROTOCOL": "the client offered only TLS older than 1.2",
+    "NO_SHARED_CIPHER": "no cipher in common (BCP 195 allows ECDHE/DHE with AES-GCM or ChaCha20)",
+}
 
 
 def _answer(result: StoreResult) -> tuple[int, str]:

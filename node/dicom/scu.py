@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,10 +19,12 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 from pynetdicom import AE, _config, build_context
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.dicom.tls import ClientTLS, handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,17 @@ class Peer:
     port: int
     ae_title: str
     calling_ae: str = "PACSNODE_SCU"
+    #: DICOM TLS: the peer's certificate is verified against the CA, and its host name
+    #: or IP address against the certificate's subjectAltName.
+    tls: ClientTLS | None = None
+
+    def associate(self, ae: AE) -> tuple[Association, ssl.SSLContext | None]:
+        """Request an association from ``ae`` (over TLS if configured); the context is
+        returned so a failed handshake can be explained (:func:`_refusal`)."""
+        context = self.tls.context() if self.tls is not None else None
+        tls_args = (context, self.host) if context is not None else None
+        return ae.associate(self.host, self.port, ae_title=self.ae_title,
+                            tls_args=tls_args), context
 
 
 @dataclass(frozen=True)
@@ -95,9 +109,9 @@ def echo(peer: Peer) -> int:
     """C-ECHO the peer; returns the DIMSE status, raises ConnectionError if unreachable."""
     ae = _client_ae(peer)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc, context = peer.associate(ae)
     if not assoc.is_established:
-        raise ConnectionError(_refusal(peer, assoc))
+        raise ConnectionError(_refusal(peer, assoc, context))
     try:
         status = assoc.send_c_echo()
         if not status:
@@ -192,9 +206,9 @@ def _send_batch(
     pairs = dict.fromkeys((item.sop_class_uid, item.transfer_syntax) for item in items)
     ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
 
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc, context = peer.associate(ae)
     if not assoc.is_established:
-        reason = _refusal(peer, assoc)
+        reason = _refusal(peer, assoc, context)
         for item in items:
             summary.failures.append(SendFailure(str(item.path), reason))
             if progress:
@@ -237,8 +251,14 @@ def _store_one(assoc: object, item: _Item) -> tuple[bool, str]:
     return False, f"status 0x{code:04X}{': ' + str(comment) if comment else ''}"
 
 
-def _refusal(peer: Peer, assoc: object) -> str:
+def _refusal(peer: Peer, assoc: object, context: ssl.SSLContext | None = None) -> str:
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if failure := handshake_failure(context):
+        return f"TLS handshake with {where} failed: {failure}"
     if getattr(assoc, "is_rejected", False):
         return f"association rejected by {where} (check the called AE title)"
+    if peer.tls is not None:
+        return (f"cannot associate with {where} over TLS (connection refused, or the peer "
+                "ended the handshake: a peer that requires a client certificate needs ours, "
+                "and must trust the CA that signed it)")
     return f"cannot connect to {where} (connection refused, or the association request aborted)"

@@ -71,7 +71,8 @@ class AssociationLog:
                 )
         return dead
 
-    def open(self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int) -> int:
+    def open(self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int, *,
+             tls: bool = False, peer_certificate: str = "") -> int:
         with self.engine.begin() as conn:
             return int(
                 conn.execute(
@@ -87,6 +88,8 @@ class AssociationLog:
                         instances_failed=0,
                         outcome=AssociationOutcome.OPEN.value,
                         node_process=self.process,
+                        tls=tls,
+                        peer_certificate=peer_certificate[:255] or None,
                     )
                     .returning(_associations.c.id)
                 ).scalar_one()

@@ -21,8 +21,9 @@ from pathlib import Path
 from sqlalchemy import Engine, Table, select, update
 
 from db.tables import Delivery, DeliveryStatus, Result, utcnow
-from node.config import DeliveryConfig, Settings
+from node.config import DeliveryConfig, Destination, Settings
 from node.dicom.scu import Peer, send_files
+from node.dicom.tls import ClientTLS
 from node.ingest.associations import is_dead_here, this_process
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,22 @@ def deliver_once(engine: Engine, settings: Settings) -> int:
     return len(due)
 
 
+def destination_peer(settings: Settings, dest: Destination) -> Peer:
+    """Where and how results go to ``dest`` (over TLS when ``destinations[].tls``)."""
+    tls = None
+    if dest.tls is not None:
+        tls = ClientTLS.from_config(
+            dest.tls, f"destinations.{settings.destinations.index(dest)}.tls")
+    return Peer(host=dest.host, port=dest.port, ae_title=dest.ae_title,
+                calling_ae=settings.node.ae_title, tls=tls)
+
+
 def _send_to(settings: Settings, name: str, items: list[_Due]) -> list[tuple[_Due, str | None]]:
     try:
         dest = settings.destination(name)
     except Exception:
         return [(item, f"destination {name!r} is no longer configured") for item in items]
-    peer = Peer(host=dest.host, port=dest.port, ae_title=dest.ae_title,
-                calling_ae=settings.node.ae_title)
+    peer = destination_peer(settings, dest)
     by_path = {str(item.path): item for item in items}
     try:
         summary = send_files([item.path for item in items], peer)
