@@ -130,6 +130,32 @@ class Node:
                  self.settings.node.ae_title, self.settings.storage.data_dir.resolve(),
                  self.engine.url.render_as_string(hide_password=True) if self.engine else "-")
 
+    def reload(self, settings: Settings) -> None:
+        """Apply a changed configuration while running (``pacsnode serve`` on SIGHUP).
+
+        The allow-list (``security``, its host names resolved again) and the TLS
+        listener's certificate, key and CA files take effect for new associations;
+        anything else is logged as needing a restart.
+
+        Raises
+        ------
+        node.config.ConfigError
+            The new configuration cannot be applied; the running one stays whole.
+        """
+        from node.dicom.access import CallingAEPolicy
+        from node.dicom.tls import server_context
+
+        if self.scp is None:
+            raise StartError("the node is not running")
+        policy = CallingAEPolicy(settings.security)
+        tls = settings.node.tls
+        context = server_context(tls) if tls is not None and self.tls_port else None
+        self.scp.reload(policy, context)
+        log.info("reloaded: security: %s%s", policy.describe(),
+                 "; TLS certificates read again" if context is not None else "")
+        if later := _needs_restart(self.settings, settings):
+            log.warning("changed, but applied only at the next start: %s", ", ".join(later))
+
     def stop(self) -> None:
         """Stop every started service, newest first; safe to call twice."""
         while self._stops:
@@ -226,6 +252,26 @@ def _recover_ingest(audit: Any, index: Any, store: Any) -> None:
             log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
     if removed := store.clean_incoming():
         log.info("removed %s staged files abandoned by an earlier crash", removed)
+
+
+def _needs_restart(running: Settings, new: Settings) -> list[str]:
+    """The keys that differ, other than those :meth:`Node.reload` applies."""
+    old_values, new_values = running.model_dump(), new.model_dump()
+    for values in (old_values, new_values):
+        values.pop("security")
+        if values["node"].get("tls"):
+            values["node"]["tls"].pop("certificate")
+            values["node"]["tls"].pop("private_key")
+            values["node"]["tls"].pop("ca_certificates")
+    changed = []
+    for section in sorted(set(old_values) | set(new_values)):
+        old, fresh = old_values.get(section), new_values.get(section)
+        if isinstance(old, dict) and isinstance(fresh, dict):
+            changed += [f"{section}.{key}" for key in sorted(set(old) | set(fresh))
+                        if old.get(key) != fresh.get(key)]
+        elif old != fresh:
+            changed.append(section)
+    return changed
 
 
 def _check_destination_tls(settings: Settings) -> None:

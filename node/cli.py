@@ -96,17 +96,28 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from node.app import Node
 
     node = Node(settings)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     node.start()
     # Wait with a timeout: a signal handler runs only when the main thread gets to
     # execute Python code, which an untimed wait may never give it.
     while not stop.wait(0.5):
-        pass
+        if reload.is_set():
+            reload.clear()
+            _reload(node, args)
     log.info("shutting down")
     node.stop()
     return 0
+
+
+def _reload(node: Any, args: argparse.Namespace) -> None:
+    """SIGHUP: read the configuration again and apply what can change while running."""
+    try:
+        node.reload(load_settings(args.config))
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
 
 
 def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -279,3 +280,27 @@ def test_python_refuses_tls_older_than_1_2(make_node: Any, pki: PKI) -> None:
         with pytest.raises((ssl.SSLError, ConnectionError)):
             with context.wrap_socket(sock, server_hostname="127.0.0.1"):
                 pass
+
+
+def test_sighup_reads_the_tls_certificates_again(make_node: Any, pki: PKI,
+                                                 tmp_path: Path) -> None:
+    """Certificate rotation without a restart: new connections get the new files."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for suffix in ("pem", "key"):
+        shutil.copy(pki.folder / f"node.{suffix}", served / f"node.{suffix}")
+    node = tls_node(make_node, pki, PACSNODE__NODE__TLS__CERTIFICATE=str(served / "node.pem"),
+                    PACSNODE__NODE__TLS__PRIVATE_KEY=str(served / "node.key"))
+    client = ["--tls-ca", pki.pem("ca"), "--tls-cert", pki.pem("client"),
+              "--tls-key", pki.key("client")]
+    assert node.cli("echo", *client).returncode == 0
+    for suffix in ("pem", "key"):  # now issued to another name: we must notice
+        shutil.copy(pki.folder / f"elsewhere.{suffix}", served / f"node.{suffix}")
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "TLS certificates read again" not in node.log():
+        assert time.monotonic() < deadline, node.log()[-2000:]
+        time.sleep(0.1)
+    refused = node.cli("echo", *client, check=False)
+    assert refused.returncode != 0 and "mismatch" in refused.stderr

@@ -3,8 +3,9 @@
 Checked when an A-ASSOCIATE-RQ arrives, before anything is negotiated; a peer that is
 not allowed gets an A-ASSOCIATE-RJ (rejected-permanent, service user, "calling AE
 title not recognised"), as PS3.8 7.1.1.9 defines for an unknown calling AE. Host names
-are resolved once, when the policy is built (at start), so a DNS failure later cannot
-open or close the door mid-run.
+are resolved when the policy is built (at start, and on reload: ``pacsnode serve`` reads
+its configuration again on SIGHUP), so a DNS failure in between cannot open or close
+the door mid-run.
 """
 
 from __future__ import annotations

@@ -139,17 +139,12 @@ class StorageSCP:
         ).start()
         return server
 
-    def reload_tls(self) -> None:
-        """Read the TLS listener's certificate, key and CA files again (new connections
-        use them; established ones keep theirs).
-
-        Raises
-        ------
-        node.config.ConfigError
-            A file cannot be loaded; the listener keeps the files it had.
-        """
-        if self._tls_server is not None and self.config.tls is not None:
-            self._tls_server.ssl_context = server_context(self.config.tls)
+    def reload(self, policy: CallingAEPolicy, context: ssl.SSLContext | None) -> None:
+        """Who may associate from now on, and (when given) the TLS listener's new
+        certificates; associations already established keep what they had."""
+        self.policy = policy
+        if context is not None and self._tls_server is not None:
+            self._tls_server.ssl_context = context
 
     def stop(self) -> None:
         self.ae.shutdown()
