@@ -34,7 +34,7 @@ test: install peers
 	$(PY) -m pytest
 
 bench: install peers
-	$(PY) bench/run.py
+	$(PY) bench/run.py --tls
 	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
 

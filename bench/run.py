@@ -169,13 +169,23 @@ class Receiver:
     port: int
     verify: Callable[[RoundSeries, int], str]  # (round, rounds so far) -> "" or a problem
     seconds: list[float] = field(default_factory=list)
+    #: storescu's TLS options for this receiver (empty: plain TCP)
+    tls_options: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        """The DCMTK receiver it is compared with: storescp over the same transport."""
+        return BASE_RECEIVER + ("-tls" if self.tls_options else "")
 
 
-def start_storescp(stack: ExitStack, folder: Path) -> Receiver:
-    port, data = free_port(), folder / "storescp"
+def start_storescp(stack: ExitStack, folder: Path, pki: Path | None = None) -> Receiver:
+    name = "storescp-tls" if pki else "storescp"
+    port, data = free_port(), folder / name
     data.mkdir()
-    log = folder / "storescp.log"
-    argv = ["storescp", "-aet", "STORESCP", "--output-directory", str(data), str(port)]
+    log = folder / f"{name}.log"
+    tls = ["+tls", str(pki / "node.key"), str(pki / "node.pem"), "+cf", str(pki / "ca.pem"),
+           "--require-peer-cert"] if pki else []
+    argv = ["storescp", *tls, "-aet", "STORESCP", "--output-directory", str(data), str(port)]
     wait_for_port(port, stack.enter_context(running(argv, base_env(), log)), log)
 
     def verify(series: RoundSeries, done: int) -> str:
@@ -183,7 +193,23 @@ def start_storescp(stack: ExitStack, folder: Path) -> Receiver:
         expected = done * len(series.paths)
         return "" if count == expected else f"storescp holds {count} files, expected {expected}"
 
-    return Receiver("storescp", "STORESCP", port, verify)
+    return Receiver(name, "STORESCP", port, verify, tls_options=_client_tls(pki))
+
+
+def _client_tls(pki: Path | None) -> list[str]:
+    if pki is None:
+        return []
+    return ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
+
+
+def make_pki(folder: Path) -> Path:
+    """A test CA with node and client certificates, by the scripts the README gives."""
+    scripts = ROOT / "deploy" / "tls"
+    subprocess.run([str(scripts / "make-ca.sh"), str(folder)], check=True, capture_output=True)
+    for name in ("node", "client"):
+        subprocess.run([str(scripts / "make-cert.sh"), str(folder), name], check=True,
+                       capture_output=True)
+    return folder
 
 
 def start_orthanc(stack: ExitStack, folder: Path) -> Receiver:
@@ -207,7 +233,8 @@ def start_orthanc(stack: ExitStack, folder: Path) -> Receiver:
     return Receiver("orthanc", "ORTHANC", dicom_port, verify)
 
 
-def node_env(folder: Path, port: int, max_pdu: int | None) -> dict[str, str]:
+def node_env(folder: Path, port: int, max_pdu: int | None,
+             pki: Path | None = None, tls_port: int = 0) -> dict[str, str]:
     env = base_env()
     env.update(
         {
@@ -221,15 +248,28 @@ def node_env(folder: Path, port: int, max_pdu: int | None) -> dict[str, str]:
     )
     if max_pdu is not None:
         env["PACSNODE__NODE__MAX_PDU"] = str(max_pdu)
+    if pki is not None:
+        env.update({
+            "PACSNODE__NODE__TLS__PORT": str(tls_port),
+            "PACSNODE__NODE__TLS__CERTIFICATE": str(pki / "node.pem"),
+            "PACSNODE__NODE__TLS__PRIVATE_KEY": str(pki / "node.key"),
+            "PACSNODE__NODE__TLS__CA_CERTIFICATES": str(pki / "ca.pem"),
+        })
     return env
 
 
-def start_node(stack: ExitStack, folder: Path, max_pdu: int | None) -> Receiver:
-    port, home = free_port(), folder / "node"
+def start_node(stack: ExitStack, folder: Path, max_pdu: int | None,
+               pki: Path | None = None) -> Receiver:
+    name = "node-tls" if pki else "node"
+    port, tls_port = free_ports(2)
+    home = folder / name
     home.mkdir()
-    env, log = node_env(home, port, max_pdu), home / "node.log"
+    env, log = node_env(home, port, max_pdu, pki, tls_port), home / "node.log"
     argv = [PYTHON, "-m", "node.cli", "serve"]
-    wait_for_port(port, stack.enter_context(running(argv, env, log)), log)
+    proc = stack.enter_context(running(argv, env, log))
+    wait_for_port(port, proc, log)
+    if pki:
+        wait_for_port(tls_port, proc, log)
 
     def verify(series: RoundSeries, done: int) -> str:
         result = subprocess.run(
@@ -242,7 +282,8 @@ def start_node(stack: ExitStack, folder: Path, max_pdu: int | None) -> Receiver:
             return f"the node holds {count} instances of the round's study, expected {len(series.paths)}"
         return ""
 
-    return Receiver("node", "PACSNODE", port, verify)
+    return Receiver(name, "PACSNODE", tls_port if pki else port, verify,
+                    tls_options=_client_tls(pki))
 
 
 # -- sending ------------------------------------------------------------------
@@ -250,7 +291,8 @@ def start_node(stack: ExitStack, folder: Path, max_pdu: int | None) -> Receiver:
 
 def send(receiver: Receiver, series: RoundSeries) -> float:
     """One storescu association with the whole series; the wall time in seconds."""
-    argv = ["storescu", "-aec", receiver.ae_title, "127.0.0.1", str(receiver.port)]
+    argv = ["storescu", *receiver.tls_options, "-aec", receiver.ae_title, "127.0.0.1",
+            str(receiver.port)]
     argv += [str(path) for path in series.paths]
     os.sync()  # nobody pays for the write-back of a previous receiver's files
     start = time.perf_counter()
@@ -273,7 +315,7 @@ def run_rounds(receivers: list[Receiver], rounds: list[RoundSeries]) -> None:
                 raise RuntimeError(f"round {series.index + 1}: {problem}")
             receiver.seconds.append(seconds)
             rate = len(series.paths) / seconds
-            print(f"  round {series.index + 1}  {receiver.name:<9} {seconds:7.2f} s  {rate:7.1f} inst/s",
+            print(f"  round {series.index + 1}  {receiver.name:<12} {seconds:7.2f} s  {rate:7.1f} inst/s",
                   flush=True)
 
 
@@ -288,13 +330,14 @@ class Summary:
     min_s: float
     max_s: float
     median_instances_per_s: float
-    ratio_to_storescp: float | None  # median of the per-round instances/s ratios
+    #: median of the per-round instances/s ratios to storescp over the same transport
+    ratio_to_storescp: float | None
 
 
 def summarise(receivers: list[Receiver], instances: int) -> list[Summary]:
-    base = next((r for r in receivers if r.name == BASE_RECEIVER), None)
     summaries = []
     for receiver in receivers:
+        base = next((r for r in receivers if r.name == receiver.base), None)
         ratio = None
         if base is not None:
             # instances/s ratio = inverse time ratio, round by round
@@ -316,11 +359,11 @@ def summarise(receivers: list[Receiver], instances: int) -> list[Summary]:
 
 def print_table(summaries: list[Summary], instances: int, megabytes: float) -> None:
     print(f"\n{instances} instances ({megabytes:.1f} MB) per round, one association, loopback")
-    print(f"{'receiver':<10} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'min s':>7} {'max s':>7} "
+    print(f"{'receiver':<13} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'min s':>7} {'max s':>7} "
           f"{'x storescp':>11}")
     for s in summaries:
         ratio = "-" if s.ratio_to_storescp is None else f"{s.ratio_to_storescp:.2f}"
-        print(f"{s.receiver:<10} {s.median_s:>9.2f} {s.median_instances_per_s:>8.1f} "
+        print(f"{s.receiver:<13} {s.median_s:>9.2f} {s.median_instances_per_s:>8.1f} "
               f"{megabytes / s.median_s:>7.1f} {s.min_s:>7.2f} {s.max_s:>7.2f} {ratio:>11}")
 
 
@@ -357,7 +400,7 @@ def write_json(path: Path, summaries: list[Summary], args: argparse.Namespace, m
         "instances_per_round": args.slices,
         "megabytes_per_round": round(megabytes, 2),
         "image": {"rows": ROWS, "columns": COLUMNS, "transfer_syntax": "Explicit VR Little Endian"},
-        "sender": "storescu, one association, default options",
+        "sender": "storescu, one association, default options (+tls for the -tls receivers)",
         "node_max_pdu": args.node_max_pdu,
         "environment": environment(),
         "receivers": [asdict(s) for s in summaries],
@@ -379,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the node's node.max_pdu (default: its configured default, 262144; "
         "storescp and Orthanc accept 16384)",
     )
+    parser.add_argument("--tls", action="store_true",
+                        help="also storescp and the node over DICOM TLS (storescu +tls)")
     parser.add_argument("--output", type=Path, default=OUT / "ingest.json", help="JSON results file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.slices < 1:
@@ -391,6 +436,10 @@ def start_receivers(stack: ExitStack, folder: Path, args: argparse.Namespace) ->
     if not args.skip_orthanc:
         receivers.append(start_orthanc(stack, folder))
     receivers.append(start_node(stack, folder, args.node_max_pdu))
+    if args.tls:
+        pki = make_pki(folder / "pki")
+        receivers.append(start_storescp(stack, folder, pki))
+        receivers.append(start_node(stack, folder, args.node_max_pdu, pki))
     return receivers
 
 
