@@ -116,13 +116,18 @@ class NodeConfig(_Section):
     tls: ListenerTLS | None = Field(
         None, description="a second listener for DICOM TLS (unset: none)"
     )
+    plain_listener: bool = Field(
+        True, description="listen on node.port without TLS; false: DICOM TLS only"
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
     @model_validator(mode="after")
     def _two_ports(self) -> Self:
-        if self.tls is not None and self.tls.port == self.port:
+        if self.tls is not None and self.tls.port == self.port and self.plain_listener:
             raise ValueError("tls.port must differ from port (the plain listener)")
+        if self.tls is None and not self.plain_listener:
+            raise ValueError("plain_listener: false needs node.tls (there would be no listener)")
         return self
 
 

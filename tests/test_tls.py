@@ -304,3 +304,20 @@ def test_sighup_reads_the_tls_certificates_again(make_node: Any, pki: PKI,
         time.sleep(0.1)
     refused = node.cli("echo", *client, check=False)
     assert refused.returncode != 0 and "mismatch" in refused.stderr
+
+
+def test_tls_only_has_no_plain_listener(make_node: Any, pki: PKI, tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    node = make_node(port=port, extra_env={
+        "PACSNODE__NODE__PLAIN_LISTENER": "false",
+        "PACSNODE__NODE__TLS__PORT": str(port),
+        "PACSNODE__NODE__TLS__CERTIFICATE": pki.pem("node"),
+        "PACSNODE__NODE__TLS__PRIVATE_KEY": pki.key("node"),
+        "PACSNODE__NODE__TLS__CA_CERTIFICATES": pki.pem("ca"),
+    })
+    assert "with DICOM TLS" in node.log() and f"127.0.0.1:{port}\n" not in node.log()
+    echo = node.cli("echo", "--port", str(port), "--tls-ca", pki.pem("ca"),
+                    "--tls-cert", pki.pem("client"), "--tls-key", pki.key("client"))
+    assert "status 0x0000" in echo.stdout
+    plain = node.cli("echo", "--port", str(port), check=False)
+    assert plain.returncode != 0

@@ -92,8 +92,9 @@ class StorageSCP:
         ]
 
     def start(self) -> tuple[str, int]:
-        """Start listening (and on ``node.tls.port`` with TLS); returns the plain
-        listener's bound (host, port).
+        """Start listening on ``node.port`` (unless ``node.plain_listener: false``) and on
+        ``node.tls.port`` with TLS; returns the plain listener's (host, port), or the TLS
+        one's without a plain listener.
 
         Raises
         ------
@@ -103,9 +104,11 @@ class StorageSCP:
             A port cannot be bound.
         """
         context = server_context(self.config.tls) if self.config.tls else None
-        self._server = self._serve(self.config.port, ThreadedAssociationServer, None)
-        host, port = self._server.server_address[:2]
-        log.info("listening as %s on %s:%s", self.config.ae_title, host, port)
+        host, port = self.config.host, 0
+        if self.config.plain_listener:
+            self._server = self._serve(self.config.port, ThreadedAssociationServer, None)
+            port = int(self._server.server_address[1])
+            log.info("listening as %s on %s:%s", self.config.ae_title, host, port)
         if self.config.tls is not None:
             self._tls_server = self._serve(self.config.tls.port, TLSAssociationServer, context)
             self._tls_server.on_tls_refused = self._on_tls_refused  # type: ignore[attr-defined]
@@ -113,7 +116,7 @@ class StorageSCP:
             log.info("listening as %s on %s:%s with DICOM TLS (client certificate %s)",
                      self.config.ae_title, host, self.tls_port,
                      "required" if self.config.tls.require_client_certificate else "optional")
-        return str(host), int(port)
+        return str(host), port or int(self.tls_port or 0)
 
     def _serve(self, port: int, server_class: type[ThreadedAssociationServer],
                context: ssl.SSLContext | None) -> ThreadedAssociationServer:
