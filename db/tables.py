@@ -88,6 +88,25 @@ class AssociationOutcome(str, enum.Enum):
     INTERRUPTED = "interrupted"  # the node process died during it (found at next start)
 
 
+class NodeProcess(Base):
+    """One start of a pacsnode process: its identity for leases, and where it ran.
+
+    Work is owned by ``id`` (a UUID per start), never by host name or PID: in a
+    container every start is PID 1 on the same host name, and a rescheduled pod gets a
+    new host name. ``host`` and ``pid`` are for people reading the audit.
+    """
+
+    __tablename__ = "node_processes"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AssociationRecord(Base):
     """One DICOM association accepted (or rejected) by the node."""
 
@@ -104,9 +123,11 @@ class AssociationRecord(Base):
     instances_duplicate: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str] = mapped_column(String(16), default=AssociationOutcome.OPEN.value)
-    #: ``host:pid`` of the node process that served it, to tell a crashed process's
-    #: open associations from those of other live processes sharing the database.
-    node_process: Mapped[str | None] = mapped_column(String(300))
+    #: The process serving it (:class:`NodeProcess` id) while it is open, and until
+    #: when that process's lease on it holds (renewed by its heartbeat); an open row whose
+    #: lease expired belongs to a dead process and is closed ``interrupted``.
+    owner: Mapped[str | None] = mapped_column(String(36))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: Why the node refused it (``rejected``); NULL for the others and for rows older
     #: than the column.
     reason: Mapped[str | None] = mapped_column(String(255))
@@ -238,7 +259,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     timings: Mapped[str] = mapped_column(Text, default="{}", doc="JSON: step -> seconds")
-    node_process: Mapped[str | None] = mapped_column(String(300))
+    #: The process working on it (running/sending) and until when its lease holds.
+    owner: Mapped[str | None] = mapped_column(String(36))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_jobs_status", "status", "id"),)
 
@@ -280,6 +303,8 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    node_process: Mapped[str | None] = mapped_column(String(300))
+    #: The process working on it (running/sending) and until when its lease holds.
+    owner: Mapped[str | None] = mapped_column(String(36))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)

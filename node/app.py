@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from node import __version__
+from node import __version__, leases
 from node.config import Settings
 
 log = logging.getLogger("pacsnode")
@@ -110,6 +110,10 @@ class Node:
         self.port: int | None = None
         self.tls_port: int | None = None
         self.scp: Any = None
+        self.ingestor: Any = None
+        self.lease: Any = None
+        self._runner: Any = None
+        self._sender: Any = None
 
     def start(self) -> None:
         """Start every service; on an error, stop what was started and raise it.
@@ -156,6 +160,17 @@ class Node:
         if later := _needs_restart(self.settings, settings):
             log.warning("changed, but applied only at the next start: %s", ", ".join(later))
 
+    def drain(self) -> None:
+        """A graceful stop (SIGTERM): accept no new connections, let the C-STOREs in
+        flight finish within ``node.shutdown_timeout_s`` (new ones get 0xA700, which a
+        sender retries), then :meth:`stop`, which releases our leases so that the next
+        process, or another one already running, takes the rest at once."""
+        budget = self.settings.node.shutdown_timeout_s
+        if self.scp is not None and not self.scp.drain(budget):
+            log.warning("C-STOREs still in flight after %s s (node.shutdown_timeout_s): "
+                        "aborting them; their senders keep them and send them again", budget)
+        self.stop()
+
     def stop(self) -> None:
         """Stop every started service, newest first; safe to call twice."""
         while self._stops:
@@ -187,17 +202,24 @@ class Node:
         engine = self.engine = open_database(settings)
         self._stops.append(engine.dispose)
         prepare_database(engine)
-        audit = AssociationLog(engine)
+        lease = self.lease = leases.register(engine, settings.jobs.lease_s, __version__)
+        # On a clean stop what we still hold is released, so the next process (or another
+        # one already running) takes it at once rather than after the lease.
+        self._stops.append(lambda: leases.release(engine, lease))
+        audit = AssociationLog(engine, lease)
         store = InstanceStore(settings.storage.data_dir, settings.storage.file_mode,
                               settings.storage.dir_mode)
         index = InstanceIndex(engine)
-        _recover_ingest(audit, index, store)
+        if removed := store.clean_incoming():
+            log.info("removed %s staged files abandoned by an earlier crash", removed)
         ingestor = Ingestor(
             store, index, audit, workers=2 * settings.node.max_associations,
             max_instance_bytes=settings.node.max_instance_mb << 20,
         )
         self._stops.append(ingestor.close)
-        on_stable = self._start_workflow(engine)
+        self.ingestor = ingestor
+        on_stable = self._start_workflow(engine, lease)
+        self._start_heartbeat(engine, lease, audit, index, store)
         scp = self.scp = StorageSCP(settings.node, ingestor, audit, policy)
         self._stops.append(scp.stop)  # also when only one of the two listeners started
         try:
@@ -209,30 +231,48 @@ class Node:
                 else logging.INFO, "security: %s", policy.describe())
         self._start_monitor(engine, on_stable)
 
-    def _start_workflow(self, engine: Engine) -> Callable[[Any], None]:
-        """Resume what a dead process left, check the models in a worker, start the
-        job runner and the delivery worker; returns what wakes the runner."""
+    def _start_workflow(self, engine: Engine, lease: Any) -> Callable[[Any], None]:
+        """Check the models in a worker, start the job runner and the delivery worker;
+        returns what wakes the runner."""
         from node.workflow import delivery, jobs
         from node.workflow.executor import make_executor
 
         settings = self.settings
-        requeued, failed = jobs.requeue_interrupted(engine, settings.jobs.max_attempts)
-        if requeued or failed:
-            log.warning("jobs interrupted by an earlier crash: %s queued again, %s failed",
-                        len(requeued), len(failed))
-        if resent := delivery.requeue_interrupted(engine):
-            log.warning("%s interrupted deliveries will be sent again", resent)
         executor = make_executor(settings)
         self._stops.append(executor.shutdown)
         executor.check_models()
-        sender = delivery.DeliveryWorker(engine, settings)
-        runner = jobs.JobRunner(engine, settings, executor.submit, executor.capacity,
-                                on_job_end=sender.wake.set)
+        sender = self._sender = delivery.DeliveryWorker(engine, settings, lease)
+        runner = self._runner = jobs.JobRunner(engine, settings, executor, lease,
+                                               on_job_end=sender.wake.set)
         sender.start()
         self._stops.append(sender.stop)
         runner.start()
         self._stops.append(runner.stop)
         return lambda _uids: runner.wake.set()
+
+    def _start_heartbeat(self, engine: Engine, lease: Any, audit: Any, index: Any,
+                         store: Any) -> None:
+        """Renew our leases, and take over the work of processes whose leases expired
+        (here, or on any other host): once now, then on every beat."""
+        from node.workflow import delivery, jobs
+
+        max_attempts = self.settings.jobs.max_attempts
+
+        def associations(_engine: Engine, now: Any) -> int:
+            return _close_expired_associations(audit, index, store, now)
+
+        def wake() -> None:
+            self._runner.wake.set()
+            self._sender.wake.set()
+
+        heartbeat = leases.Heartbeat(engine, lease, [
+            associations,
+            lambda e, now: jobs.take_over_expired(e, now, max_attempts),
+            delivery.take_over_expired,
+        ], on_takeover=wake)
+        heartbeat.beat()
+        heartbeat.start()
+        self._stops.append(heartbeat.stop)
 
     def _start_monitor(self, engine: Engine, on_stable: Callable[[Any], None]) -> None:
         from node.workflow.stability import StabilityMonitor
@@ -244,14 +284,16 @@ class Node:
         self._stops.append(monitor.stop)
 
 
-def _recover_ingest(audit: Any, index: Any, store: Any) -> None:
-    """Close associations a crash left open, and drop what they never acknowledged."""
-    if interrupted := audit.close_interrupted():
-        log.warning("%s associations were interrupted by an earlier crash", len(interrupted))
+def _close_expired_associations(audit: Any, index: Any, store: Any, now: Any) -> int:
+    """Close associations whose process died with them open (its lease expired), and
+    drop the rows of what they never acknowledged."""
+    interrupted = audit.close_expired(now)
+    if interrupted:
+        log.warning("%s associations were interrupted: their process stopped renewing "
+                    "its lease", len(interrupted))
         for uid in index.drop_unfiled(interrupted, store.exists):
             log.warning("removed the row of never-acknowledged instance %s (no file)", uid)
-    if removed := store.clean_incoming():
-        log.info("removed %s staged files abandoned by an earlier crash", removed)
+    return len(interrupted)
 
 
 def _needs_restart(running: Settings, new: Settings) -> list[str]:

@@ -108,7 +108,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             reload.clear()
             _reload(node, args)
     log.info("shutting down")
-    node.stop()
+    node.drain()
     return 0
 
 

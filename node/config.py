@@ -116,6 +116,9 @@ class NodeConfig(_Section):
     tls: ListenerTLS | None = Field(
         None, description="a second listener for DICOM TLS (unset: none)"
     )
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, description="on SIGTERM, how long C-STOREs in flight may take to finish"
+    )
     plain_listener: bool = Field(
         True, description="listen on node.port without TLS; false: DICOM TLS only"
     )
@@ -361,9 +364,16 @@ class JobsConfig(_Section):
     executor: str = Field("process", pattern="^(process|inline)$")
     workers: int = Field(1, ge=1, description="analysis processes")
     max_attempts: int = Field(
-        3, ge=1, description="runs of a job interrupted by crashes before it is failed"
+        3, ge=1, description="runs of a job interrupted by crashes or timeouts before it is failed"
     )
     poll_interval_s: float = Field(1.0, gt=0)
+    lease_s: float = Field(
+        30.0, ge=1, description="how long work (jobs, deliveries, associations) stays a "
+        "process's without its heartbeat; then any process takes it over"
+    )
+    timeout_s: float = Field(
+        600.0, gt=0, description="a job running longer has its worker killed and replaced"
+    )
 
 
 class DeliveryConfig(_Section):

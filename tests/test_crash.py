@@ -18,7 +18,7 @@ from typing import Any
 from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
-from tests.conftest import NodeProcess, dcmtk_env, make_series, require_tool
+from tests.conftest import NodeProcess, dcmtk_env, make_series, query, require_tool
 
 SLICES = 100
 KILL_AFTER = 20  # acknowledged instances
@@ -72,7 +72,8 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(
     require_tool("storescu")
     series = make_series(tmp_path / "ct", slices=SLICES, size=128)
     by_path = dict(zip(series.paths, series.sop_instance_uids))
-    node: NodeProcess = make_node(db_url=db_url)
+    # A short lease: the dead process's association is taken over 2 s after it died.
+    node: NodeProcess = make_node(db_url=db_url, extra_env={"PACSNODE__JOBS__LEASE_S": "2"})
 
     log_path = tmp_path / "storescu.log"
     with log_path.open("w") as log:
@@ -100,8 +101,14 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(
     assert acked == series.paths[: len(acked)]  # in command-line order
     acked_uids = [by_path[p] for p in acked]
 
-    # Restart on the same data folder, database and port.
+    # Restart on the same data folder, database and port. The dead process's open
+    # association (and the rows it never acknowledged) are taken over once its lease
+    # expires: no host or PID tells the new process that the old one is gone.
     node.start()
+    deadline = time.monotonic() + 20
+    while query(node.db_url, "SELECT outcome FROM associations") != [{"outcome": "interrupted"}]:
+        assert time.monotonic() < deadline, query(node.db_url, "SELECT * FROM associations")
+        time.sleep(0.2)
 
     # Every acknowledged instance is on disk, complete, with the pixels that were sent.
     folder = node.data_dir / "studies" / series.study_instance_uid / series.series_instance_uid

@@ -9,6 +9,7 @@ from sqlalchemy import text
 from db.migrate import upgrade
 from db.session import make_engine
 from db.tables import utcnow
+from node import leases
 from node.ingest.associations import AssociationLog
 from node.ingest.header import InstanceHeader
 from node.ingest.index import InstanceIndex
@@ -25,7 +26,8 @@ def _header(sop: str) -> InstanceHeader:
 def test_forget_and_drop_unfiled(tmp_path: Path, db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    audit, index = AssociationLog(engine), InstanceIndex(engine)
+    lease = leases.register(engine, 30, "test")
+    audit, index = AssociationLog(engine, lease), InstanceIndex(engine)
     store = InstanceStore(tmp_path / "data")
     association = audit.open("SCU", "PACSNODE", "127.0.0.1", 1234)
     filed = store.relative_path("1.2.3", "1.2.3.1", "1.2.3.1.1")

@@ -25,6 +25,7 @@ from node.config import NodeConfig
 from node.dicom.access import CallingAEPolicy
 from node.dicom.codec import Command
 from node.dicom.reactor import FastRequestHandler
+from node.dicom.status import StoreStatus
 from node.dicom.tls import TLSAssociationServer, peer_subject, server_context
 from node.ingest.associations import AssociationLog
 from node.ingest.ingestor import Incoming, Ingestor, StoreRequest, StoreResult
@@ -78,6 +79,7 @@ class StorageSCP:
         self.ae = make_ae(config)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: TLSAssociationServer | None = None
+        self._in_flight = _InFlight()
         #: The TLS listener's port, once started (None without ``node.tls``).
         self.tls_port: int | None = None
 
@@ -149,7 +151,23 @@ class StorageSCP:
         if context is not None and self._tls_server is not None:
             self._tls_server.ssl_context = context
 
+    def stop_listening(self) -> None:
+        """Accept no new connections; established associations go on."""
+        servers, self._server, self._tls_server = (self._server, self._tls_server), None, None
+        for server in servers:
+            if server is not None:
+                server.shutdown()  # pynetdicom's: also closes it and forgets it
+
+    def drain(self, timeout_s: float) -> bool:
+        """Finish the C-STOREs in flight, refusing new ones (0xA700: the sender keeps
+        them and sends them again, to us after the restart or to another receiver);
+        True if all finished within ``timeout_s``."""
+        self.stop_listening()
+        self._in_flight.drain(timeout_s)
+        return self._in_flight.count == 0
+
     def stop(self) -> None:
+        """Stop listening and abort the associations still open."""
         self.ae.shutdown()
 
     # -- handlers -------------------------------------------------------------
@@ -262,9 +280,13 @@ class StorageSCP:
             response.ErrorComment = comment
         return response
 
-    def _fast_store(self, assoc: Association, transfer_syntax: str, command: Command) -> _FastIncoming:
+    def _fast_store(self, assoc: Association, transfer_syntax: str,
+                    command: Command) -> _FastIncoming | _Refused:
         """C-STOREs taken by the direct path in node/fast_store.py."""
+        if not self._in_flight.enter():
+            return _Refused()
         return _FastIncoming(
+            self._in_flight,
             self.ingestor.begin(
                 self._request(
                     assoc,
@@ -284,7 +306,12 @@ class StorageSCP:
         dataset: bytes | memoryview,
     ) -> tuple[int, str]:
         request = self._request(assoc, transfer_syntax, sop_class_uid, sop_instance_uid)
-        return _answer(self.ingestor.receive(request, dataset))
+        if not self._in_flight.enter():
+            return _Refused().finish()
+        try:
+            return _answer(self.ingestor.receive(request, dataset))
+        finally:
+            self._in_flight.leave()
 
     @staticmethod
     def _request(
@@ -348,13 +375,61 @@ def _answer(result: StoreResult) -> tuple[int, str]:
     return int(result.status), result.error_comment if result.status.is_failure else ""
 
 
+class _InFlight:
+    """C-STOREs being received; once draining, no new one is let in."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._changed = threading.Condition()
+
+    def enter(self) -> bool:
+        with self._changed:
+            if self.draining:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._changed:
+            self.count -= 1
+            self._changed.notify_all()
+
+    def drain(self, timeout_s: float) -> None:
+        with self._changed:
+            self.draining = True
+            self._changed.wait_for(lambda: self.count == 0, timeout_s)
+
+
 class _FastIncoming:
     """Adapts :class:`~node.ingest.ingestor.Incoming` to what node/fast_store.py expects."""
 
-    def __init__(self, incoming: Incoming) -> None:
+    def __init__(self, in_flight: _InFlight, incoming: Incoming) -> None:
+        self._in_flight = in_flight
         self._incoming = incoming
         self.write = incoming.write
-        self.abort = incoming.abort
 
     def finish(self) -> tuple[int, str]:
-        return _answer(self._incoming.finish())
+        try:
+            return _answer(self._incoming.finish())
+        finally:
+            self._in_flight.leave()
+
+    def abort(self) -> None:
+        try:
+            self._incoming.abort()
+        finally:
+            self._in_flight.leave()
+
+
+class _Refused:
+    """A C-STORE that arrives while the node drains: read, dropped, answered 0xA700."""
+
+    def write(self, fragment: memoryview) -> None:
+        pass
+
+    def finish(self) -> tuple[int, str]:
+        return int(StoreStatus.OUT_OF_RESOURCES), "node is shutting down; send it again later"
+
+    def abort(self) -> None:
+        pass

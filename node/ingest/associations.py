@@ -2,74 +2,42 @@
 
 from __future__ import annotations
 
-import os
-import socket
+from datetime import datetime
 
 from sqlalchemy import Engine, Table, update
 
 from db.tables import AssociationOutcome, AssociationRecord, utcnow
+from node.leases import Lease, expired
 
 _associations: Table = AssociationRecord.__table__  # type: ignore[assignment]
 _REASON_MAX = 255
 
 
-def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def is_dead_here(owner: str | None) -> bool:
-    """True when ``owner`` (``host:pid``) names a process on this host that has ended.
-
-    Rows owned by live processes, and by other hosts (which this one cannot check),
-    are never taken over.
-    """
-    if not owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    return not _alive(int(pid))
-
-
 class AssociationLog:
-    """Opens, counts and closes association rows."""
+    """Opens, counts and closes association rows; an open row is leased by the process
+    serving it (:mod:`node.leases`)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lease: Lease) -> None:
         self.engine = engine
-        self.process = this_process()
+        self.lease = lease
 
-    def close_interrupted(self) -> list[int]:
-        """Mark open associations of dead node processes on this host as interrupted.
+    def close_expired(self, now: datetime | None = None) -> list[int]:
+        """Mark open associations whose serving process's lease expired as interrupted.
 
-        Run at start: a killed node never closes its rows. Rows of live processes, and
-        of other hosts (which this one cannot check), are left alone.
+        That process died (or lost the database for longer than its lease) without
+        closing them; any process, on any host, may do this.
         """
-        host = socket.gethostname()
+        now = now or utcnow()
         with self.engine.begin() as conn:
             rows = conn.execute(
-                _associations.select()
-                .with_only_columns(_associations.c.id, _associations.c.node_process)
+                update(_associations)
                 .where(_associations.c.outcome == AssociationOutcome.OPEN.value)
-                .where(_associations.c.node_process.like(f"{host}:%"))
-            ).all()
-            dead = [row_id for row_id, owner in rows if is_dead_here(owner)]
-            if dead:
-                conn.execute(
-                    update(_associations)
-                    .where(_associations.c.id.in_(dead))
-                    .values(outcome=AssociationOutcome.INTERRUPTED.value)
-                )
-        return dead
+                .where(expired(_associations, now))
+                .values(outcome=AssociationOutcome.INTERRUPTED.value, ended_at=now,
+                        lease_until=None)
+                .returning(_associations.c.id)
+            ).scalars().all()
+        return list(rows)
 
     def open(self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int, *,
              tls: bool = False, peer_certificate: str = "") -> int:
@@ -87,7 +55,7 @@ class AssociationLog:
                         instances_duplicate=0,
                         instances_failed=0,
                         outcome=AssociationOutcome.OPEN.value,
-                        node_process=self.process,
+                        **self.lease.claim(utcnow()),
                         tls=tls,
                         peer_certificate=peer_certificate[:255] or None,
                     )
@@ -115,5 +83,5 @@ class AssociationLog:
                 .where(_associations.c.id == association_id)
                 .where(_associations.c.outcome == AssociationOutcome.OPEN.value)
                 .values(outcome=outcome.value, ended_at=utcnow(),
-                        reason=reason[:_REASON_MAX] or None)
+                        reason=reason[:_REASON_MAX] or None, lease_until=None)
             )

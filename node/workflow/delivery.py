@@ -24,7 +24,7 @@ from db.tables import Delivery, DeliveryStatus, Result, utcnow
 from node.config import DeliveryConfig, Destination, Settings
 from node.dicom.scu import Peer, send_files
 from node.dicom.tls import ClientTLS
-from node.ingest.associations import is_dead_here, this_process
+from node.leases import Lease, expired, released
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def backoff_s(config: DeliveryConfig, attempts: int) -> float:
     return min(config.retry_max_s, config.retry_initial_s * 2 ** max(attempts - 1, 0))
 
 
-def claim_due(engine: Engine, data_dir: Path, now: datetime, limit: int = 500) -> list[_Due]:
+def claim_due(engine: Engine, data_dir: Path, now: datetime, lease: Lease,
+              limit: int = 500) -> list[_Due]:
     """Mark due pending deliveries as sending for this process, oldest result first."""
     claimed: list[_Due] = []
     with engine.begin() as conn:
@@ -56,12 +57,13 @@ def claim_due(engine: Engine, data_dir: Path, now: datetime, limit: int = 500) -
             .where(_deliveries.c.next_attempt_at <= now)
             .order_by(_deliveries.c.result_fk, _deliveries.c.id)
             .limit(limit)
+            .with_for_update(of=_deliveries, skip_locked=True)
         ).all()
         for row in rows:
             if conn.execute(
                 update(_deliveries).where(_deliveries.c.id == row.id)
                 .where(_deliveries.c.status == DeliveryStatus.PENDING.value)
-                .values(status=DeliveryStatus.SENDING.value, node_process=this_process(),
+                .values(status=DeliveryStatus.SENDING.value, **lease.claim(now),
                         last_attempt_at=now, attempts=_deliveries.c.attempts + 1)
             ).rowcount:
                 claimed.append(_Due(row.id, row.destination, row.attempts + 1,
@@ -88,28 +90,30 @@ def record_outcomes(engine: Engine, config: DeliveryConfig,
                 values = {"status": DeliveryStatus.PENDING.value, "last_error": error,
                           "next_attempt_at": now + timedelta(seconds=delay)}
             conn.execute(update(_deliveries).where(_deliveries.c.id == due.delivery_id)
-                         .values(node_process=None, **values))
+                         .values(lease_until=None, **values))
 
 
-def requeue_interrupted(engine: Engine) -> int:
-    """Deliveries a dead process was sending go back to pending (sent again: a PACS
-    takes a repeated instance as a duplicate)."""
+def take_over_expired(engine: Engine, now: datetime) -> int:
+    """Deliveries whose sender's lease expired (it died mid-send) go back to pending;
+    they are sent again as the same SOP Instance, which a PACS takes as a duplicate."""
     with engine.begin() as conn:
-        rows = conn.execute(
-            select(_deliveries.c.id, _deliveries.c.node_process)
+        taken = conn.execute(
+            update(_deliveries)
             .where(_deliveries.c.status == DeliveryStatus.SENDING.value)
-        ).all()
-        dead = [row_id for row_id, owner in rows if is_dead_here(owner)]
-        if dead:
-            conn.execute(update(_deliveries).where(_deliveries.c.id.in_(dead)).values(
-                status=DeliveryStatus.PENDING.value, node_process=None))
-    return len(dead)
+            .where(expired(_deliveries, now))
+            .values(status=DeliveryStatus.PENDING.value, **released())
+            .returning(_deliveries.c.id)
+        ).scalars().all()
+    if taken:
+        log.warning("%s deliveries of a process that stopped renewing its lease will be "
+                    "sent again", len(taken))
+    return len(taken)
 
 
-def deliver_once(engine: Engine, settings: Settings) -> int:
+def deliver_once(engine: Engine, settings: Settings, lease: Lease) -> int:
     """One round: send everything due; returns how many deliveries were attempted."""
     now = utcnow()
-    due = claim_due(engine, settings.storage.data_dir, now)
+    due = claim_due(engine, settings.storage.data_dir, now, lease)
     by_destination: dict[str, list[_Due]] = defaultdict(list)
     for item in due:
         by_destination[item.destination].append(item)
@@ -148,17 +152,18 @@ def _send_to(settings: Settings, name: str, items: list[_Due]) -> list[tuple[_Du
 class DeliveryWorker(threading.Thread):
     """Runs :func:`deliver_once` whenever woken or every ``delivery.poll_interval_s``."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, lease: Lease) -> None:
         super().__init__(name="delivery", daemon=True)
         self.engine = engine
         self.settings = settings
+        self.lease = lease
         self.wake = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                deliver_once(self.engine, self.settings)
+                deliver_once(self.engine, self.settings, self.lease)
             except Exception:  # a database outage must not kill deliveries
                 log.exception("delivery round failed; retrying")
             self.wake.wait(self.settings.delivery.poll_interval_s)
@@ -167,3 +172,5 @@ class DeliveryWorker(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.wake.set()
+        if self.is_alive():
+            self.join(timeout=30)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
@@ -26,18 +27,45 @@ class Executor(Protocol):
 
     def submit(self, job_id: int) -> Future[None]: ...
 
+    def kill(self, job_id: int) -> bool:
+        """Stop the worker running ``job_id`` (its future then fails); False if this
+        executor cannot."""
+        ...
+
     def check_models(self) -> None:
         """Load every configured model where jobs run; a model that does not fit its
         card raises :class:`~node.config.ConfigError` naming it."""
 
-    def shutdown(self) -> None: ...
+    def shutdown(self) -> None:
+        """Stop at once: running jobs are abandoned (their leases are released by the
+        caller, and another process runs them again)."""
+        ...
+
+
+class _Slot:
+    """One worker process (a single-process pool): killing it stops exactly one job."""
+
+    def __init__(self, make: Callable[[], ProcessPoolExecutor]) -> None:
+        self._make = make
+        self.pool = make()
+        self.job: int | None = None
+
+    def kill(self, replace: bool = True) -> None:
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        for process in processes:
+            process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if replace:
+            self.pool = self._make()  # the replacement starts (and warms up) at once
 
 
 class ProcessExecutor:
     """Runs jobs in ``jobs.workers`` spawned processes, each set up once.
 
-    A worker that dies (killed, out of memory) breaks the pool: its future fails, the
-    job runner requeues the job, and the next submit gets a fresh pool.
+    Each worker is its own single-process pool (a slot), so a job over
+    ``jobs.timeout_s`` can be stopped by killing its process alone. A worker that dies
+    (killed, out of memory) fails its job's future, the job runner requeues the job, and
+    the slot gets a fresh process.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -46,7 +74,8 @@ class ProcessExecutor:
         self._has_models = bool(settings.models)
         self._lock = threading.Lock()
         # No routes, no jobs: a node that only receives never starts workers.
-        self._pool: ProcessPoolExecutor | None = self._new_pool() if settings.routes else None
+        self._slots: list[_Slot] = (
+            [_Slot(self._new_pool) for _ in range(self.capacity)] if settings.routes else [])
 
     def check_models(self) -> None:
         """Load the configured models in a worker: TensorFlow stays out of this process."""
@@ -55,9 +84,9 @@ class ProcessExecutor:
         if not self._has_models:
             return
         with self._lock:
-            if self._pool is None:
-                self._pool = self._new_pool()
-            pool = self._pool
+            if not self._slots:
+                self._slots = [_Slot(self._new_pool) for _ in range(self.capacity)]
+            pool = self._slots[0].pool
         if error := pool.submit(worker.check_models).result():
             raise ConfigError(error)
 
@@ -67,33 +96,54 @@ class ProcessExecutor:
         # spawn, not fork: the node's threads (reactor, database pools) must not be
         # copied into a child mid-operation.
         pool = ProcessPoolExecutor(
-            max_workers=self.capacity,
+            max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
             initargs=(self._config,),
         )
-        # Start the workers now so their imports and set-up do not delay the first job.
-        for _ in range(self.capacity):
-            pool.submit(worker.warm_up)
+        # Start the worker now so its imports and set-up do not delay the first job.
+        pool.submit(worker.warm_up)
         return pool
 
     def submit(self, job_id: int) -> Future[None]:
         from node.workflow import worker
 
         with self._lock:
-            if self._pool is None:
-                self._pool = self._new_pool()
+            if not self._slots:
+                self._slots = [_Slot(self._new_pool) for _ in range(self.capacity)]
+            slot = next((s for s in self._slots if s.job is None), None)
+            if slot is None:
+                raise RuntimeError("no free analysis worker (more jobs than jobs.workers)")
+            slot.job = job_id
             try:
-                return self._pool.submit(worker.run_job, job_id)
+                future = slot.pool.submit(worker.run_job, job_id)
             except BrokenProcessPool:
-                log.warning("analysis worker pool was broken; starting a new one")
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._new_pool()
-                return self._pool.submit(worker.run_job, job_id)
+                log.warning("analysis worker was broken; starting a new one")
+                slot.kill()
+                future = slot.pool.submit(worker.run_job, job_id)
+        future.add_done_callback(lambda _f: self._free(slot, job_id))
+        return future
+
+    def _free(self, slot: _Slot, job_id: int) -> None:
+        with self._lock:
+            if slot.job == job_id:
+                slot.job = None
+
+    def kill(self, job_id: int) -> bool:
+        with self._lock:
+            slot = next((s for s in self._slots if s.job == job_id), None)
+            if slot is not None:
+                slot.kill()
+                slot.job = None
+        return slot is not None
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            slots, self._slots = self._slots, []
+        for slot in slots:
+            if slot.job is not None:
+                slot.kill(replace=False)
+            slot.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class InlineExecutor:
@@ -117,6 +167,9 @@ class InlineExecutor:
         from node.workflow import worker
 
         return self._pool.submit(worker.run_job, job_id)
+
+    def kill(self, job_id: int) -> bool:
+        return False  # a thread cannot be stopped from outside
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -4,9 +4,11 @@ The database is the queue: a stable study's series are routed into job rows
 (:func:`queue_stable_studies`), :class:`JobRunner` claims queued rows and hands their
 ids to an executor (:mod:`node.workflow.executor`), and the worker that runs a job records
 its outcome itself (:mod:`node.workflow.analyze`). Nothing about a job lives only in memory,
-so a crash or restart loses nothing: :func:`requeue_interrupted` puts the jobs of a
-dead process back in the queue, and Celery workers can later take the executor's
-place without a change here.
+so a crash or restart loses nothing: a running job is leased by the process that
+claimed it (:mod:`node.leases`), and :func:`take_over_expired` puts the jobs of a
+process whose lease ran out back in the queue, whichever process on whichever host
+notices first. Celery workers can later take the executor's place without a change
+here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -22,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import Connection, Engine, Table, func, select, update
+from sqlalchemy import Connection, Engine, Table, exists, func, select, update
+from sqlalchemy.orm import aliased
 
 from db.tables import (
     AssociationRecord,
@@ -37,7 +41,7 @@ from db.tables import (
     utcnow,
 )
 from node.config import Settings
-from node.ingest.associations import is_dead_here, this_process
+from node.leases import Lease, LeaseLost, expired, released
 from node.workflow.routing import SeriesFacts, choose_route, facts_from_datasets
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,7 @@ class JobSpec:
     destinations: list[str]
     files: list[Path]  # absolute paths, in instance number order
     calling_aes: frozenset[str] = frozenset()
+    owner: str | None = None  # the process holding the job's lease when it was loaded
 
 
 # -- routing a stable study into jobs ---------------------------------------------------
@@ -112,15 +117,11 @@ def _latest_job(conn: Connection, series_id: int) -> tuple[str, int] | None:
     return None if row is None else (row.status, row.instances)
 
 
-def _plan_study(conn: Connection, settings: Settings, study_id: int, now: datetime) -> list[int]:
+def _plan_study(conn: Connection, settings: Settings, study_id: int,
+                facts_of: dict[int, SeriesFacts], now: datetime) -> list[int]:
     queued: list[int] = []
-    all_series = conn.execute(
-        select(Series.id, Series.series_instance_uid, Series.modality)
-        .where(Series.study_fk == study_id).order_by(Series.id)
-    ).all()
-    for series in all_series:
-        facts = _series_facts(conn, settings.storage.data_dir, series)
-        latest = _latest_job(conn, series.id)
+    for series_id, facts in facts_of.items():
+        latest = _latest_job(conn, series_id)
         if latest is not None and latest[1] == facts.instances \
                 and latest[0] != JobStatus.FAILED.value:
             continue  # unchanged since its last routing: its results stand
@@ -128,10 +129,10 @@ def _plan_study(conn: Connection, settings: Settings, study_id: int, now: dateti
         # what failed may have been an instance still arriving (see Ingestor._touch).
         decision = choose_route(facts, settings.routes)
         route = decision.route
-        job_id = conn.execute(
+        job_id = int(conn.execute(
             _jobs.insert().values(
                 study_fk=study_id,
-                series_fk=series.id,
+                series_fk=series_id,
                 route=route.name if route else None,
                 pipeline=route.pipeline if route else None,
                 destinations=json.dumps(settings.route_destinations(route) if route else []),
@@ -143,11 +144,35 @@ def _plan_study(conn: Connection, settings: Settings, study_id: int, now: dateti
                 finished_at=now if decision.skipped else None,
                 timings="{}",
             )
-        ).inserted_primary_key[0]
-        log.info("series %s: %s", series.series_instance_uid, decision.reason)
+        ).inserted_primary_key[0])
+        _supersede_queued(conn, series_id, job_id, now)
+        log.info("series %s: %s", facts.series_instance_uid, decision.reason)
         if not decision.skipped:
-            queued.append(int(job_id))
+            queued.append(job_id)
     return queued
+
+
+def _supersede_queued(conn: Connection, series_id: int, job_id: int, now: datetime) -> None:
+    """An older job of the series that has not started is replaced by the new one (the
+    series changed since); one that is running finishes first, and the new one waits
+    for it (:func:`claim_jobs`), so no two jobs of a series ever run at once."""
+    conn.execute(
+        update(_jobs).where(_jobs.c.series_fk == series_id).where(_jobs.c.id != job_id)
+        .where(_jobs.c.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.SKIPPED.value, finished_at=now,
+                reason=f"superseded by job {job_id}: the series changed before it ran"))
+
+
+def _study_facts(engine: Engine, settings: Settings, study_id: int) -> dict[int, SeriesFacts]:
+    """Each series' routing facts, read (files included) without the write lock: on
+    SQLite a write transaction held while headers are read would stall every store."""
+    with engine.connect().execution_options(readonly=True) as conn, conn.begin():
+        all_series = conn.execute(
+            select(Series.id, Series.series_instance_uid, Series.modality)
+            .where(Series.study_fk == study_id).order_by(Series.id)
+        ).all()
+        return {series.id: _series_facts(conn, settings.storage.data_dir, series)
+                for series in all_series}
 
 
 def _set_study_status(
@@ -171,7 +196,13 @@ def _set_study_status(
 
 def _settle_study(conn: Connection, study_id: int, now: datetime) -> None:
     """A study whose jobs have all ended is ``analyzed`` (whatever each job's outcome);
-    the event sums them up."""
+    the event sums them up.
+
+    The study's row is locked first: two workers ending a study's last two jobs at once
+    each see the other's job running unless the second counts after the first commits
+    (on PostgreSQL; SQLite serialises writers anyway).
+    """
+    conn.execute(select(_studies.c.id).where(_studies.c.id == study_id).with_for_update())
     counts = dict(conn.execute(
         select(_jobs.c.status, func.count())
         .where(_jobs.c.study_fk == study_id)
@@ -186,15 +217,24 @@ def _settle_study(conn: Connection, study_id: int, now: datetime) -> None:
 
 def queue_stable_studies(engine: Engine, settings: Settings) -> list[int]:
     """Route every ``stable`` study's series into jobs; returns the queued job ids."""
-    now = utcnow()
     queued: list[int] = []
-    with engine.begin() as conn:
+    with engine.connect().execution_options(readonly=True) as conn, conn.begin():
         studies = conn.execute(
             select(_studies.c.id).where(_studies.c.status == StudyStatus.STABLE.value)
             .order_by(_studies.c.id)
         ).scalars().all()
-        for study_id in studies:
-            new = _plan_study(conn, settings, study_id, now)
+    for study_id in studies:
+        facts_of = _study_facts(engine, settings, study_id)
+        now = utcnow()
+        with engine.begin() as conn:
+            # Still stable? A late instance may have reopened it while we read.
+            still = conn.execute(
+                select(_studies.c.id).where(_studies.c.id == study_id)
+                .where(_studies.c.status == StudyStatus.STABLE.value).with_for_update()
+            ).first()
+            if still is None:
+                continue
+            new = _plan_study(conn, settings, study_id, facts_of, now)
             queued += new
             _set_study_status(conn, study_id, StudyStatus.STABLE.value,
                               StudyStatus.PROCESSING.value,
@@ -206,34 +246,38 @@ def queue_stable_studies(engine: Engine, settings: Settings) -> list[int]:
 # -- the queue ------------------------------------------------------------------------
 
 
-def claim_jobs(engine: Engine, limit: int) -> list[int]:
-    """Take up to ``limit`` queued jobs for this process, oldest first."""
+def claim_jobs(engine: Engine, limit: int, lease: Lease) -> list[int]:
+    """Take up to ``limit`` queued jobs for this process, oldest first.
+
+    ``FOR UPDATE SKIP LOCKED`` lets several claimers on PostgreSQL each take other rows
+    without waiting for one another (SQLite serialises writers). A job whose series has a
+    job running waits for it.
+    """
     if limit <= 0:
         return []
-    claimed: list[int] = []
     now = utcnow()
+    other = aliased(_jobs)
+    series_busy = exists().where(other.c.series_fk == _jobs.c.series_fk) \
+        .where(other.c.status == JobStatus.RUNNING.value)
     with engine.begin() as conn:
         ids = conn.execute(
             select(_jobs.c.id).where(_jobs.c.status == JobStatus.QUEUED.value)
-            .order_by(_jobs.c.id).limit(limit)
+            .where(~series_busy).order_by(_jobs.c.id).limit(limit)
+            .with_for_update(skip_locked=True)
         ).scalars().all()
-        for job_id in ids:
-            # The status check in the UPDATE makes two claimers safe on PostgreSQL.
-            if conn.execute(
-                update(_jobs).where(_jobs.c.id == job_id)
-                .where(_jobs.c.status == JobStatus.QUEUED.value)
+        if ids:
+            conn.execute(
+                update(_jobs).where(_jobs.c.id.in_(ids))
                 .values(status=JobStatus.RUNNING.value, attempt=_jobs.c.attempt + 1,
-                        started_at=now, node_process=this_process())
-            ).rowcount:
-                claimed.append(job_id)
-    return claimed
+                        started_at=now, **lease.claim(now)))
+    return list(ids)
 
 
 def load_job(engine: Engine, data_dir: Path, job_id: int) -> JobSpec:
     with engine.connect() as conn:
         job = conn.execute(
             select(_jobs.c.series_fk, _jobs.c.route, _jobs.c.pipeline, _jobs.c.destinations,
-                   Study.study_instance_uid, Series.series_instance_uid)
+                   _jobs.c.owner, Study.study_instance_uid, Series.series_instance_uid)
             .join(Study, Study.id == _jobs.c.study_fk)
             .join(Series, Series.id == _jobs.c.series_fk)
             .where(_jobs.c.id == job_id)
@@ -255,6 +299,7 @@ def load_job(engine: Engine, data_dir: Path, job_id: int) -> JobSpec:
         destinations=json.loads(job.destinations),
         files=[data_dir / path for path in paths],
         calling_aes=frozenset(row.calling_ae for row in rows if row.calling_ae),
+        owner=job.owner,
     )
 
 
@@ -271,49 +316,65 @@ def set_route(conn: Connection, job_id: int, decision: Any, destinations: list[s
 
 def finish_job(
     conn: Connection, job_id: int, status: JobStatus, reason: str,
-    timings: dict[str, float], now: datetime | None = None,
+    timings: dict[str, float], now: datetime | None = None, owner: str | None = None,
 ) -> None:
-    """Record a job's end (inside the caller's transaction, with its results)."""
+    """Record a job's end (inside the caller's transaction, with its results).
+
+    With ``owner``, only while that process still holds the job: a worker whose lease
+    was taken over (it hung, or lost the database) must not record results beside the
+    new run's.
+
+    Raises
+    ------
+    LeaseLost
+        The job is no longer running under ``owner``; roll the transaction back.
+    """
     now = now or utcnow()
-    conn.execute(
-        update(_jobs).where(_jobs.c.id == job_id).values(
-            status=status.value, reason=reason, finished_at=now,
-            timings=json.dumps({k: round(v, 4) for k, v in timings.items()}),
-        )
-    )
+    query = update(_jobs).where(_jobs.c.id == job_id)
+    if owner is not None:
+        query = query.where(_jobs.c.owner == owner) \
+            .where(_jobs.c.status == JobStatus.RUNNING.value)
+    if not conn.execute(query.values(
+            status=status.value, reason=reason, finished_at=now, lease_until=None,
+            timings=json.dumps({k: round(v, 4) for k, v in timings.items()}))).rowcount:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
     study_id = conn.execute(select(_jobs.c.study_fk).where(_jobs.c.id == job_id)).scalar_one()
     _settle_study(conn, study_id, now)
 
 
-def fail_job(engine: Engine, job_id: int, reason: str) -> None:
+def fail_job(engine: Engine, job_id: int, reason: str, owner: str | None = None) -> None:
     with engine.begin() as conn:
-        finish_job(conn, job_id, JobStatus.FAILED, reason, {})
+        finish_job(conn, job_id, JobStatus.FAILED, reason, {}, owner=owner)
 
 
-def requeue_interrupted(engine: Engine, max_attempts: int) -> tuple[list[int], list[int]]:
-    """Jobs left running by a dead process on this host run again, up to max_attempts.
+def requeue_or_fail(conn: Connection, job_id: int, attempt: int, max_attempts: int,
+                    why: str, now: datetime) -> bool:
+    """A job that did not end by itself runs again, or fails after ``max_attempts``;
+    True if it was queued again."""
+    if attempt >= max_attempts:
+        finish_job(conn, job_id, JobStatus.FAILED, f"{why} ({attempt} attempts); giving up",
+                   {}, now)
+        return False
+    conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
+        status=JobStatus.QUEUED.value, reason=why, **released()))
+    return True
 
-    Returns (requeued, failed) job ids.
-    """
-    requeued: list[int] = []
-    failed: list[int] = []
+
+def take_over_expired(engine: Engine, now: datetime, max_attempts: int) -> int:
+    """Running jobs whose owner's lease expired (it died, or hangs) run again, up to
+    ``max_attempts``; returns how many were taken over."""
     with engine.begin() as conn:
         rows = conn.execute(
-            select(_jobs.c.id, _jobs.c.attempt, _jobs.c.node_process)
-            .where(_jobs.c.status == JobStatus.RUNNING.value)
+            select(_jobs.c.id, _jobs.c.attempt, _jobs.c.owner)
+            .where(_jobs.c.status == JobStatus.RUNNING.value).where(expired(_jobs, now))
+            .with_for_update(skip_locked=True)
         ).all()
         for job_id, attempt, owner in rows:
-            if not is_dead_here(owner):
-                continue
-            if attempt >= max_attempts:
-                finish_job(conn, job_id, JobStatus.FAILED,
-                           f"interrupted {attempt} times (crash or restart); giving up", {})
-                failed.append(job_id)
-            else:
-                conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
-                    status=JobStatus.QUEUED.value, node_process=None))
-                requeued.append(job_id)
-    return requeued, failed
+            log.warning("job %s: its process %s stopped renewing its lease; taking it over",
+                        job_id, owner)
+            requeue_or_fail(conn, job_id, attempt, max_attempts,
+                            "interrupted: its process died or lost its lease", now)
+    return len(rows)
 
 
 # -- the runner -----------------------------------------------------------------------
@@ -326,28 +387,30 @@ class JobRunner(threading.Thread):
     ----------
     engine, settings
         The node's database and configuration.
-    submit
-        Hands a job id to the executor; the returned future ends when the worker
-        has recorded the job's outcome.
-    capacity
-        How many jobs may run at once (the executor's workers).
+    executor
+        Where jobs run (:mod:`node.workflow.executor`): ``submit(job_id)`` returns a
+        future that ends when the worker has recorded the job's outcome; ``kill(job_id)``
+        stops the worker running it (a job over ``jobs.timeout_s``).
+    lease
+        This process's identity: claimed jobs are leased to it.
     on_job_end
         Called after each job, e.g. to wake the delivery worker.
     """
 
     def __init__(
-        self, engine: Engine, settings: Settings, submit: Callable[[int], Future[None]],
-        capacity: int, on_job_end: Callable[[], None] = lambda: None,
+        self, engine: Engine, settings: Settings, executor: Any, lease: Lease,
+        on_job_end: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="job-runner", daemon=True)
         self.engine = engine
         self.settings = settings
-        self.submit = submit
-        self.capacity = capacity
+        self.executor = executor
+        self.lease = lease
         self.on_job_end = on_job_end
         self.wake = threading.Event()
         self._stop_event = threading.Event()
-        self._running: set[int] = set()
+        self._running: dict[int, float] = {}  # job id -> time.monotonic() at submit
+        self._timed_out: set[int] = set()
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -360,47 +423,78 @@ class JobRunner(threading.Thread):
             self.wake.clear()
 
     def _tick(self) -> None:
+        self._stop_overdue()
+        if self._stop_event.is_set():
+            return
         if queued := queue_stable_studies(self.engine, self.settings):
             log.info("queued %s jobs", len(queued))
         with self._lock:
-            free = self.capacity - len(self._running)
-        for job_id in claim_jobs(self.engine, free):
+            free = self.executor.capacity - len(self._running)
+        for job_id in claim_jobs(self.engine, free, self.lease):
             with self._lock:
-                self._running.add(job_id)
-            future = self.submit(job_id)
+                self._running[job_id] = time.monotonic()
+            future = self.executor.submit(job_id)
             future.add_done_callback(lambda f, job_id=job_id: self._ended(job_id, f))
+
+    def _stop_overdue(self) -> None:
+        """Kill the worker of a job over ``jobs.timeout_s``; the job ends in _ended."""
+        limit = self.settings.jobs.timeout_s
+        now = time.monotonic()
+        with self._lock:
+            overdue = [job_id for job_id, started in self._running.items()
+                       if now - started > limit and job_id not in self._timed_out]
+            self._timed_out.update(overdue)
+        for job_id in overdue:
+            log.error("job %s: running for over %s s (jobs.timeout_s); stopping its worker",
+                      job_id, _seconds(limit))
+            if not self.executor.kill(job_id):
+                log.error("job %s: this executor cannot stop a running job", job_id)
 
     def _ended(self, job_id: int, future: Future[None]) -> None:
         with self._lock:
-            self._running.discard(job_id)
+            self._running.pop(job_id, None)
+            timed_out = job_id in self._timed_out
+            self._timed_out.discard(job_id)
         error = future.exception()
-        if error is not None:
-            # The worker records its own failures; reaching here means it died
-            # (killed, out of memory) or could not reach the database.
-            log.error("job %s: worker ended abnormally: %r", job_id, error)
+        if timed_out or error is not None:
+            # The worker records its own failures; reaching here means it died (killed
+            # for its timeout, out of memory) or could not reach the database.
+            if timed_out:
+                why = f"timed out after {_seconds(self.settings.jobs.timeout_s)} s"
+            elif self._stop_event.is_set():
+                why = "interrupted: the node stopped while it ran"
+            else:
+                why = f"worker died: {error!r}"
+            log.error("job %s: %s", job_id, why)
             try:
-                self._requeue_or_fail(job_id, repr(error))
+                self._requeue_or_fail(job_id, why)
             except Exception:
                 log.exception("job %s: cannot record the worker's failure", job_id)
         self.on_job_end()
         self.wake.set()
 
-    def _requeue_or_fail(self, job_id: int, error: str) -> None:
+    def _requeue_or_fail(self, job_id: int, why: str) -> None:
         with self.engine.begin() as conn:
             attempt = conn.execute(
                 select(_jobs.c.attempt).where(_jobs.c.id == job_id)
                 .where(_jobs.c.status == JobStatus.RUNNING.value)
+                .where(_jobs.c.owner == self.lease.owner)
             ).scalar_one_or_none()
-            if attempt is None:
-                return
-            if attempt >= self.settings.jobs.max_attempts:
-                finish_job(conn, job_id, JobStatus.FAILED,
-                           f"worker died {attempt} times; last: {error}", {})
-            else:
-                conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
-                    status=JobStatus.QUEUED.value, node_process=None,
-                    reason=f"worker died: {error}"))
+            if attempt is not None:
+                requeue_or_fail(conn, job_id, attempt, self.settings.jobs.max_attempts, why,
+                                utcnow())
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.wake.set()
+        if self.is_alive():
+            self.join(timeout=10)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 
 from node.config import Settings
+from node.leases import LeaseLost
 from node.workflow.analyze import (
     AnalysisRefused,
     LoadedSeries,
@@ -161,14 +162,16 @@ def _route_by_region(engine: Any, settings: Settings, spec: Any, loaded: LoadedS
     with engine.begin() as conn:
         set_route(conn, spec.job_id, decision, destinations)
         if decision.route is None:
-            finish_job(conn, spec.job_id, JobStatus.SKIPPED, decision.reason, {})
+            finish_job(conn, spec.job_id, JobStatus.SKIPPED, decision.reason, {},
+                       owner=spec.owner)
     log.info("series %s (predicted region %s): %s", loaded.series_instance_uid,
              facts.predicted_region, decision.reason)
     return decision.route
 
 
 def _record_done(engine: Any, job_id: int, destinations: list[str],
-                 rows: list[dict[str, Any]], timings: dict[str, float], note: str) -> None:
+                 rows: list[dict[str, Any]], timings: dict[str, float], note: str,
+                 owner: str | None) -> None:
     from db.tables import Delivery, DeliveryStatus, JobStatus, Result, utcnow
     from node.workflow.jobs import finish_job
 
@@ -185,7 +188,8 @@ def _record_done(engine: Any, job_id: int, destinations: list[str],
                     result_fk=result_id, destination=name,
                     status=DeliveryStatus.PENDING.value, attempts=0, last_error="",
                     created_at=now, next_attempt_at=now))
-        finish_job(conn, job_id, JobStatus.DONE, note, timings, now)
+        # The results and the job's end commit together, only if we still hold the job.
+        finish_job(conn, job_id, JobStatus.DONE, note, timings, now, owner=owner)
 
 
 def run_job(job_id: int) -> None:
@@ -214,14 +218,18 @@ def run_job(job_id: int) -> None:
         with timed(timings, "store"):
             rows = _store_outputs(_worker.store, job_id, spec.study_instance_uid, outcome)
         timings["total"] = time.perf_counter() - started
-        _record_done(engine, job_id, destinations, rows, timings, outcome.flag or "")
+        _record_done(engine, job_id, destinations, rows, timings, outcome.flag or "",
+                     spec.owner)
         log.info("job %s: series %s analysed in %.2f s", job_id,
                  spec.series_instance_uid, timings["total"])
     except AnalysisRefused as exc:
         log.warning("job %s: series %s not analysed: %s", job_id, spec.series_instance_uid, exc)
-        fail_job(engine, job_id, str(exc))
+        fail_job(engine, job_id, str(exc), owner=spec.owner)
+    except LeaseLost:
+        log.warning("job %s: taken over by another process meanwhile; its run counts, "
+                    "not this one", job_id)
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        fail_job(engine, job_id, f"{type(exc).__name__}: {exc}")
+        fail_job(engine, job_id, f"{type(exc).__name__}: {exc}", owner=spec.owner)
 
 
