@@ -95,6 +95,8 @@ class NodeProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: Runs ``pacsnode serve`` under this command (e.g. ``unshare --pid --fork``).
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -120,7 +122,8 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.log_path = self.data_dir.parent / f"node-{self.port}-{uuid.uuid4().hex[:6]}.log"
         log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([*PACSNODE, "serve"], env=self.env, stdout=log, stderr=log)
+        self.proc = subprocess.Popen([*self.prefix, *PACSNODE, "serve"], env=self.env,
+                                     stdout=log, stderr=log)
         try:
             wait_for_port(self.port, self.proc)
         except Exception:

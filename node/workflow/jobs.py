@@ -269,7 +269,7 @@ def claim_jobs(engine: Engine, limit: int, lease: Lease) -> list[int]:
             conn.execute(
                 update(_jobs).where(_jobs.c.id.in_(ids))
                 .values(status=JobStatus.RUNNING.value, attempt=_jobs.c.attempt + 1,
-                        started_at=now, **lease.claim(now)))
+                        started_at=None, **lease.claim(now)))  # set by the worker
     return list(ids)
 
 
@@ -340,6 +340,13 @@ def finish_job(
         raise LeaseLost(f"job {job_id} is no longer held by {owner}")
     study_id = conn.execute(select(_jobs.c.study_fk).where(_jobs.c.id == job_id)).scalar_one()
     _settle_study(conn, study_id, now)
+
+
+def mark_started(engine: Engine, job_id: int, owner: str | None) -> None:
+    """The worker begins the job now: ``jobs.timeout_s`` counts from here."""
+    with engine.begin() as conn:
+        conn.execute(update(_jobs).where(_jobs.c.id == job_id).where(_jobs.c.owner == owner)
+                     .values(started_at=utcnow()))
 
 
 def fail_job(engine: Engine, job_id: int, reason: str, owner: str | None = None) -> None:
@@ -437,12 +444,27 @@ class JobRunner(threading.Thread):
             future.add_done_callback(lambda f, job_id=job_id: self._ended(job_id, f))
 
     def _stop_overdue(self) -> None:
-        """Kill the worker of a job over ``jobs.timeout_s``; the job ends in _ended."""
+        """Kill the worker of a job over ``jobs.timeout_s``; the job ends in _ended.
+
+        Counted from when the worker began the job (:func:`mark_started`), not from the
+        claim: a freshly started worker first spends seconds loading its libraries and
+        models. A worker that never begins it gets ``_STARTUP_S`` more.
+        """
         limit = self.settings.jobs.timeout_s
-        now = time.monotonic()
         with self._lock:
-            overdue = [job_id for job_id, started in self._running.items()
-                       if now - started > limit and job_id not in self._timed_out]
+            running = {job_id: submitted for job_id, submitted in self._running.items()
+                       if job_id not in self._timed_out}
+        if not running:
+            return
+        now, clock = utcnow(), time.monotonic()
+        with self.engine.connect() as conn:
+            started = conn.execute(
+                select(_jobs.c.id, _jobs.c.started_at).where(_jobs.c.id.in_(list(running)))
+                .where(_jobs.c.status == JobStatus.RUNNING.value)).all()
+        overdue = [job_id for job_id, at in started
+                   if ((now - at).total_seconds() > limit if at is not None
+                       else clock - running[job_id] > limit + _STARTUP_S)]
+        with self._lock:
             self._timed_out.update(overdue)
         for job_id in overdue:
             log.error("job %s: running for over %s s (jobs.timeout_s); stopping its worker",
@@ -494,6 +516,10 @@ class JobRunner(threading.Thread):
         self.wake.set()
         if self.is_alive():
             self.join(timeout=10)
+
+
+#: How long a worker may take to begin a claimed job (start-up: libraries, models).
+_STARTUP_S = 120.0
 
 
 def _seconds(value: float) -> str:

@@ -194,11 +194,12 @@ def _record_done(engine: Any, job_id: int, destinations: list[str],
 
 def run_job(job_id: int) -> None:
     """Run one claimed job and record its outcome (done or failed) in the database."""
-    from node.workflow.jobs import fail_job, load_job
+    from node.workflow.jobs import fail_job, load_job, mark_started
 
     assert _worker is not None, "init_worker was not called in this process"
     settings, engine = _worker.settings, _worker.engine
     spec = load_job(engine, settings.storage.data_dir, job_id)
+    mark_started(engine, job_id, spec.owner)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
