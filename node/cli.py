@@ -181,6 +181,19 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rerun(settings: Settings, args: argparse.Namespace) -> int:
+    from node.workflow.jobs import RerunError, queue_rerun
+
+    try:
+        queued = queue_rerun(_open_catalogue(settings), settings, args.study, args.series)
+    except RerunError as exc:
+        raise CLIError(str(exc)) from None
+    what = f"series {args.series}" if args.series else f"study {args.study}"
+    print(f"{what}: {len(queued)} job(s) queued ({', '.join(map(str, queued)) or 'none'}); "
+          "the running node analyses them, and 'pacsnode study UID' shows the new results")
+    return 0
+
+
 def cmd_study(settings: Settings, args: argparse.Namespace) -> int:
     from node.audit_queries import study_detail
 
@@ -360,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("uid", metavar="UID")
     study.add_argument("--json", action="store_true")
     study.set_defaults(func=cmd_study)
+
+    rerun = commands.add_parser("rerun", parents=[common],
+                                help="analyse a study (or one series) again")
+    rerun.add_argument("--study", required=True, metavar="UID")
+    rerun.add_argument("--series", metavar="UID", help="only this series of the study")
+    rerun.set_defaults(func=cmd_rerun)
 
     analyze = commands.add_parser(
         "analyze", parents=[common],

@@ -208,3 +208,38 @@ def test_two_workers_on_postgresql_analyse_a_study(make_node: Any, postgres_url:
     owners = query(postgres_url, "SELECT DISTINCT owner FROM jobs")
     assert len(owners) == 1 and owners[0]["owner"]
     assert json.loads(json.dumps(detail))  # serialisable as the CLI prints it
+
+
+def test_a_series_new_job_waits_for_its_running_one(tmp_path: Path) -> None:
+    """A study reopened while its job runs: the new job is not claimed until the running
+    one has ended, so two runs never race to results for the same series."""
+    from db.session import make_engine
+    from node import leases
+    from node.workflow.jobs import claim_jobs, finish_job
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    lease = leases.register(engine, 30, "test")
+    with engine.begin() as conn:
+        conn.execute(Patient.__table__.insert().values(id=1, patient_id="P"))
+        conn.execute(Study.__table__.insert().values(
+            id=1, patient_fk=1, study_instance_uid="1.2.3", status="processing"))
+        for number in (1, 2):
+            conn.execute(Series.__table__.insert().values(
+                id=number, study_fk=1, series_instance_uid=f"1.2.3.{number}", modality="CT"))
+        conn.execute(Job.__table__.insert().values(id=1, study_fk=1, series_fk=1,
+                                                   status="queued"))
+    assert claim_jobs(engine, 5, lease) == [1]
+    with engine.begin() as conn:  # the series changed meanwhile; the other one is new
+        conn.execute(Job.__table__.insert().values(id=2, study_fk=1, series_fk=1,
+                                                   status="queued"))
+        conn.execute(Job.__table__.insert().values(id=3, study_fk=1, series_fk=2,
+                                                   status="queued"))
+    assert claim_jobs(engine, 5, lease) == [3]
+    with engine.begin() as conn:
+        finish_job(conn, 1, JobStatus.DONE, "", {}, owner=lease.owner)
+    assert claim_jobs(engine, 5, lease) == [2]
+    with engine.begin() as conn:  # a job not ours any more cannot record results
+        with pytest.raises(leases.LeaseLost):
+            finish_job(conn, 2, JobStatus.DONE, "", {}, owner="someone-else")
+    engine.dispose()

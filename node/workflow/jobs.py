@@ -118,11 +118,12 @@ def _latest_job(conn: Connection, series_id: int) -> tuple[str, int] | None:
 
 
 def _plan_study(conn: Connection, settings: Settings, study_id: int,
-                facts_of: dict[int, SeriesFacts], now: datetime) -> list[int]:
+                facts_of: dict[int, SeriesFacts], now: datetime,
+                rerun: bool = False) -> list[int]:
     queued: list[int] = []
     for series_id, facts in facts_of.items():
         latest = _latest_job(conn, series_id)
-        if latest is not None and latest[1] == facts.instances \
+        if not rerun and latest is not None and latest[1] == facts.instances \
                 and latest[0] != JobStatus.FAILED.value:
             continue  # unchanged since its last routing: its results stand
         # A failed series gets another run whenever its study becomes stable again:
@@ -137,7 +138,7 @@ def _plan_study(conn: Connection, settings: Settings, study_id: int,
                 pipeline=route.pipeline if route else None,
                 destinations=json.dumps(settings.route_destinations(route) if route else []),
                 status=JobStatus.SKIPPED.value if decision.skipped else JobStatus.QUEUED.value,
-                reason=decision.reason,
+                reason=("rerun requested; " if rerun else "") + decision.reason,
                 instances=facts.instances,
                 attempt=0,
                 queued_at=now,
@@ -240,6 +241,47 @@ def queue_stable_studies(engine: Engine, settings: Settings) -> list[int]:
                               StudyStatus.PROCESSING.value,
                               f"{len(new)} series queued for analysis", now)
             _settle_study(conn, study_id, now)
+    return queued
+
+
+class RerunError(LookupError):
+    """A rerun that cannot be queued; the message says why."""
+
+
+def queue_rerun(engine: Engine, settings: Settings, study_uid: str,
+                series_uid: str | None = None) -> list[int]:
+    """Route a study's series (or one of them) again, as if they had changed: new jobs,
+    new results; the earlier jobs and results stay in the audit. Returns the queued
+    job ids (a series the routes skip gets a skipped job, not queued).
+
+    Raises
+    ------
+    RerunError
+        No such study or series, or the study is still receiving instances.
+    """
+    with engine.connect().execution_options(readonly=True) as conn, conn.begin():
+        study = conn.execute(select(_studies.c.id, _studies.c.status)
+                             .where(_studies.c.study_instance_uid == study_uid)).first()
+    if study is None:
+        raise RerunError(f"no study {study_uid} here")
+    if study.status == StudyStatus.RECEIVING.value:
+        raise RerunError(f"study {study_uid} is still receiving instances; it is analysed "
+                         "once stable")
+    facts_of = _study_facts(engine, settings, study.id)
+    if series_uid is not None:
+        facts_of = {k: f for k, f in facts_of.items() if f.series_instance_uid == series_uid}
+        if not facts_of:
+            raise RerunError(f"study {study_uid} has no series {series_uid}")
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(select(_studies.c.id).where(_studies.c.id == study.id).with_for_update())
+        queued = _plan_study(conn, settings, study.id, facts_of, now, rerun=True)
+        current = conn.execute(select(_studies.c.status)
+                               .where(_studies.c.id == study.id)).scalar_one()
+        if current not in (StudyStatus.RECEIVING.value, StudyStatus.PROCESSING.value):
+            _set_study_status(conn, study.id, current, StudyStatus.PROCESSING.value,
+                              f"rerun requested: {len(queued)} series queued", now)
+            _settle_study(conn, study.id, now)
     return queued
 
 
