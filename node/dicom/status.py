@@ -22,6 +22,10 @@ class StoreStatus(enum.IntEnum):
     MISSING_ATTRIBUTE = 0xC001
     #: A UID is not a valid DICOM UID (and would be unsafe as a file name).
     INVALID_UID = 0xC002
+    #: The instance contradicts what the index holds: its series is in another study,
+    #: or its study belongs to another patient (implementation-specific, "cannot
+    #: understand" range).
+    IDENTITY_CONFLICT = 0xC410
 
     @property
     def is_failure(self) -> bool:

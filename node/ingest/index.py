@@ -25,7 +25,8 @@ from db.tables import (
     StudyEvent,
     StudyStatus,
 )
-from node.ingest.header import InstanceHeader
+from node.dicom.status import StoreStatus
+from node.ingest.header import HeaderError, InstanceHeader
 
 _patients: Table = Patient.__table__  # type: ignore[assignment]
 _studies: Table = Study.__table__  # type: ignore[assignment]
@@ -52,6 +53,14 @@ _COUNT_STORED = (
     .where(_associations.c.id == bindparam("association"))
     .values(instances_stored=_associations.c.instances_stored + 1)
 )
+
+
+class IdentityConflict(HeaderError):
+    """The instance contradicts the index (a series in two studies, a study of two
+    patients); nothing is recorded. The reason names UIDs only, never patient data."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(StoreStatus.IDENTITY_CONFLICT, reason)
 
 
 def clip(value: str, column: Any) -> str:
@@ -212,6 +221,9 @@ class InstanceIndex:
     ) -> int:
         uid = header.study_instance_uid
         study_id = self._cached("study", uid)
+        if study_id is not None and self._cached("study-patient", uid) != patient_id:
+            raise IdentityConflict("PatientID/IssuerOfPatientID differ from the earlier "
+                                   "instances of this study")
         if study_id is None:
             study_id = _get_or_insert(
                 conn,
@@ -240,7 +252,13 @@ class InstanceIndex:
                     )
                 ),
             )
+            owner = conn.execute(select(_studies.c.patient_fk)
+                                 .where(_studies.c.id == study_id)).scalar_one()
+            if owner != patient_id:
+                raise IdentityConflict("PatientID/IssuerOfPatientID differ from the earlier "
+                                       "instances of this study")
             new_ids[("study", uid)] = study_id
+            new_ids[("study-patient", uid)] = patient_id
         touched = conn.execute(_TOUCH_STUDY, {"study": study_id, "now": now}).rowcount
         if not touched:
             self._reopen(conn, study_id, now)
@@ -277,8 +295,10 @@ class InstanceIndex:
     ) -> int:
         uid = header.series_instance_uid
         cached = self._cached("series", uid)
-        if cached is not None:
+        if cached is not None and self._cached("series-study", uid) == study_id:
             return cached
+        if cached is not None:
+            raise _series_elsewhere(uid)
         row_id = _get_or_insert(
             conn,
             _series,
@@ -297,8 +317,16 @@ class InstanceIndex:
                 "received_at": now,
             },
         )
+        if conn.execute(select(_series.c.study_fk)
+                        .where(_series.c.id == row_id)).scalar_one() != study_id:
+            raise _series_elsewhere(uid)
         new_ids[("series", uid)] = row_id
+        new_ids[("series-study", uid)] = study_id
         return row_id
+
+
+def _series_elsewhere(series_uid: str) -> IdentityConflict:
+    return IdentityConflict(f"SeriesInstanceUID already in another study: {series_uid}")
 
 
 def _get_or_insert(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -170,12 +171,16 @@ class Ingestor:
                 request.association_id,
                 utcnow(),
             )
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, HeaderError) as exc:
             if _succeeded(placing):
                 self.store.remove(relative)  # no row was committed for it
+            if isinstance(exc, HeaderError):  # it contradicts the index (IdentityConflict)
+                return StoreResult(exc.status, exc.reason)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {_short(exc)}")
         if not new:
-            return self._duplicate(placing, relative)
+            return self._duplicate(placing, relative, lambda: self.index.record(
+                header, relative.as_posix(), size, request.transfer_syntax,
+                request.association_id, utcnow()))
         try:
             if not placing.result():
                 # A file without a row, left by a crash between placing and commit:
@@ -198,9 +203,16 @@ class Ingestor:
     def _place(self, staging: Future[StagedFile], relative: PurePosixPath) -> bool:
         return self.store.place(staging.result(), relative)
 
-    def _duplicate(self, placing: Future[bool], relative: PurePosixPath) -> StoreResult:
+    def _duplicate(self, placing: Future[bool], relative: PurePosixPath,
+                   record_again: Callable[[], bool]) -> StoreResult:
         """The instance is indexed already: keep its file (placing never replaces one),
-        or, if the file had gone missing, the copy just placed."""
+        or, if the file had gone missing, the copy just placed.
+
+        The row found may be one that a concurrent association is taking back (its
+        transfer aborted after it was indexed early, see :meth:`_take_back`), and that
+        one removes the row only while no file is in place. So once our file is in
+        place, the row is checked again and written anew if it went.
+        """
         try:
             if _succeeded(placing):
                 log.warning("restored the missing file of indexed instance %s", relative.name)
@@ -208,8 +220,12 @@ class Ingestor:
                 # The file may have been linked a moment ago by a concurrent association
                 # that has not answered yet: make its folder entry durable before we do.
                 self.store.sync_folder(relative)
+            if self.index.find(relative.stem) is None and record_again():
+                return StoreResult(StoreStatus.SUCCESS)
         except StorageError as exc:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
+        except (SQLAlchemyError, HeaderError) as exc:
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {exc}")
         return StoreResult(StoreStatus.SUCCESS, "duplicate", duplicate=True)
 
     # -- the early path: indexed while the pixels are still arriving ------------------
@@ -253,6 +269,9 @@ class Ingestor:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}")
         try:
             new = early.recording.result()
+        except HeaderError as exc:  # it contradicts the index (IdentityConflict)
+            self.store.discard(staged)
+            return StoreResult(exc.status, exc.reason)
         except SQLAlchemyError as exc:
             self.store.discard(staged)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, f"database failed: {_short(exc)}")
@@ -263,7 +282,9 @@ class Ingestor:
             placing.set_exception(exc)
         if not new:
             self.store.discard(staged)
-            return self._duplicate(placing, early.relative)
+            return self._duplicate(placing, early.relative, lambda: self.index.record(
+                early.header, early.relative.as_posix(), writer.size,
+                request.transfer_syntax, request.association_id, utcnow()))
         try:
             if not placing.result():
                 self.store.publish(staged, early.relative)  # see _index: a crash's leftover
@@ -297,7 +318,7 @@ class Ingestor:
         """Remove an early row of an instance that was not completed and not filed."""
         try:
             new = early.recording.result()
-        except SQLAlchemyError:
+        except (SQLAlchemyError, HeaderError):
             return
         # A concurrent association may have filed the same instance meanwhile: then the
         # row is rightly there.
