@@ -150,13 +150,8 @@ def test_sigterm_drains_the_c_stores_in_flight(make_node: Any, tmp_path: Path) -
 # -- PostgreSQL, several workers ---------------------------------------------------
 
 
-def test_two_workers_ending_a_studys_last_jobs_at_once_settle_it(postgres_url: str) -> None:
-    """Without the study's row lock each transaction sees the other's job still running
-    and neither settles the study: it would stay ``processing`` forever."""
-    from node.workflow.jobs import finish_job
-
-    engine = create_engine(postgres_url)
-    upgrade(engine)
+def _study_of_two_series(engine: Any) -> None:
+    """Study 1 (processing) of patient 1, with series 1 and 2."""
     with engine.begin() as conn:
         conn.execute(Patient.__table__.insert().values(id=1, patient_id="P"))
         conn.execute(Study.__table__.insert().values(
@@ -164,6 +159,18 @@ def test_two_workers_ending_a_studys_last_jobs_at_once_settle_it(postgres_url: s
         for number in (1, 2):
             conn.execute(Series.__table__.insert().values(
                 id=number, study_fk=1, series_instance_uid=f"1.2.3.{number}", modality="CT"))
+
+
+def test_two_workers_ending_a_studys_last_jobs_at_once_settle_it(postgres_url: str) -> None:
+    """Without the study's row lock each transaction sees the other's job still running
+    and neither settles the study: it would stay ``processing`` forever."""
+    from node.workflow.jobs import finish_job
+
+    engine = create_engine(postgres_url)
+    upgrade(engine)
+    _study_of_two_series(engine)
+    with engine.begin() as conn:
+        for number in (1, 2):
             conn.execute(Job.__table__.insert().values(
                 id=number, study_fk=1, series_fk=number, status="running", attempt=1))
     first_counted = threading.Event()
@@ -220,13 +227,8 @@ def test_a_series_new_job_waits_for_its_running_one(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     upgrade(engine)
     lease = leases.register(engine, 30, "test")
+    _study_of_two_series(engine)
     with engine.begin() as conn:
-        conn.execute(Patient.__table__.insert().values(id=1, patient_id="P"))
-        conn.execute(Study.__table__.insert().values(
-            id=1, patient_fk=1, study_instance_uid="1.2.3", status="processing"))
-        for number in (1, 2):
-            conn.execute(Series.__table__.insert().values(
-                id=number, study_fk=1, series_instance_uid=f"1.2.3.{number}", modality="CT"))
         conn.execute(Job.__table__.insert().values(id=1, study_fk=1, series_fk=1,
                                                    status="queued"))
     assert claim_jobs(engine, 5, lease) == [1]
