@@ -12,6 +12,7 @@ import struct
 import subprocess
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from tests.conftest import NodeProcess, dcmtk_env, query, require_tool
+from tests.raw_peer import COMMAND, LAST, RawAssociation, p_data, pdv, store_command
 from tests.test_refusals import (
     associate,
     association_rows,
@@ -101,9 +103,13 @@ def _send_bomb(node: NodeProcess, tmp_path: Path, inflated: int) -> tuple[int, s
         assoc.release()
 
 
-def _assert_nothing_kept(node: NodeProcess) -> None:
+def _assert_nothing_staged(node: NodeProcess) -> None:
     incoming = node.data_dir / "incoming"
     assert not incoming.exists() or list(incoming.iterdir()) == []
+
+
+def _assert_nothing_kept(node: NodeProcess) -> None:
+    _assert_nothing_staged(node)
     assert query(node.db_url, "select count(*) as n from instances")[0]["n"] == 0
 
 
@@ -245,3 +251,76 @@ def test_fallback_path_is_bounded_too(make_node: Any) -> None:
     assert assoc.is_aborted
     assert "message part over 1048576 bytes" in node.log()
     _assert_nothing_kept(node)
+
+
+# -- streamed to the staging file, never held in memory ------------------------------
+
+_SIDE = 10240  # rows and columns: 200 MiB of 16-bit Pixel Data
+_CT = {1: (CTImageStorage, ExplicitVRLittleEndian)}
+
+
+def _big_head(study: str, series: str, sop: str) -> tuple[bytes, int]:
+    """The elements of a CT instance up to its Pixel Data header, and the pixels' size."""
+    pixels = _SIDE * _SIDE * 2
+    ds = instance(study, series, sop, Rows=_SIDE, Columns=_SIDE, PixelData=None)
+    return encode(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixels), pixels
+
+
+def _send_big(node: NodeProcess, calling: str, study: str, series: str) -> tuple[str, int, bytes]:
+    """C-STORE a 200 MiB instance, streamed in PDUs of the node's maximum length;
+    returns its SOP Instance UID, the status, and its dataset's first bytes."""
+    sop = generate_uid()
+    head, pixels = _big_head(study, series, sop)
+    assoc = RawAssociation.open(node.port, node.ae_title, calling, _CT, timeout=300)
+    step = assoc.max_pdu - 6  # a PDV's header: item length, context ID, control
+    zeros = memoryview(bytes(step))
+
+    def pieces() -> Any:
+        yield head
+        for start in range(0, pixels, step):
+            yield zeros[: min(step, pixels - start)]
+
+    assoc.send(p_data(pdv(1, COMMAND | LAST, store_command(CTImageStorage, sop))))
+    assoc.send_dataset(1, pieces())
+    status = int(assoc.response().Status)
+    assoc.release()
+    return sop, status, head
+
+
+def _dataset_part(path: Path) -> tuple[int, bytes]:
+    """A stored file's dataset size, and its first bytes, after preamble and file meta."""
+    with path.open("rb") as fp:
+        fp.seek(128 + 4 + 8)  # preamble, DICM, the (0002,0000) UL element's header
+        meta_end = 128 + 4 + 12 + struct.unpack("<L", fp.read(4))[0]
+        fp.seek(meta_end)
+        return path.stat().st_size - meta_end, fp.read(4096)
+
+
+def test_large_instances_are_streamed_to_disk(make_node: Any) -> None:
+    """Four associations at once, 200 MiB of Pixel Data each, with the default
+    node.max_instance_mb: the node's memory grows by far less than what it holds."""
+    require_tool("echoscu")
+    node = _node(make_node)
+    assert _echoscu(node).returncode == 0
+    before = _rss_kb(node)
+    study = generate_uid()
+    with ThreadPoolExecutor(4) as pool:
+        sent = list(pool.map(lambda n: _send_big(node, f"BIG{n}", study, generate_uid()),
+                             range(4)))
+    peak = _rss_kb(node, "VmHWM")
+    print(f"RSS before {before} kB, peak {peak} kB (growth {(peak - before) / 1024:.1f} MB "
+          "for 800 MiB received)")
+    assert [status for _, status, _ in sent] == [0x0000] * 4
+    assert peak - before < 150 * 1024
+    sizes = {row["sop_instance_uid"]: row["file_size"] for row in query(
+        node.db_url, "select sop_instance_uid, file_size from instances")}
+    assert set(sizes) == {sop for sop, _, _ in sent}
+    stored = list((node.data_dir / "studies").rglob("*.dcm"))
+    assert len(stored) == 4
+    for path in stored:
+        head = next(h for sop, _, h in sent if sop == path.stem)
+        size, first = _dataset_part(path)
+        assert size == len(head) + _SIDE * _SIDE * 2
+        assert first[: len(head)] == head
+        assert sizes[path.stem] == path.stat().st_size
+    _assert_nothing_staged(node)

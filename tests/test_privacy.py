@@ -4,6 +4,7 @@ birth date in the log at INFO, through receiving, analysing and refusing."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import pydicom
 
+from node.ingest.storage import InstanceStore
 from tests.conftest import NodeProcess, make_series, require_tool
 
 NAME, PATIENT_ID, BIRTH = "Secretname^Jane", "PID-7731-SECRET", "19640229"
@@ -85,3 +87,19 @@ def test_modes_can_be_widened_for_a_group_but_never_for_everyone(tmp_path: Path)
         result = serve(**{f"PACSNODE__STORAGE__{key}": value})
         assert result.returncode == 2 and f"storage.{key.lower()}" in result.stderr, result.stderr
     assert not (tmp_path / "var").exists()  # refused before anything was created
+
+
+def test_the_inflated_working_copy_is_owner_only_and_leaves_nothing(tmp_path: Path) -> None:
+    """A deflated dataset is inflated into a scratch file in ``incoming`` to be checked:
+    patient data, so ``storage.file_mode`` whatever the umask, and gone once closed
+    (nothing to clean up after a crash either: it has no name from the start)."""
+    store = InstanceStore(tmp_path / "var", file_mode=0o640)
+    umask = os.umask(0o077)  # would make it 0600 unless the mode is set explicitly
+    try:
+        with store.scratch() as scratch:
+            scratch.write(b"inflated patient data")
+            assert stat.S_IMODE(os.fstat(scratch.fileno()).st_mode) == 0o640
+            assert list(store.incoming.iterdir()) == []
+    finally:
+        os.umask(umask)
+    assert list(store.incoming.iterdir()) == []

@@ -303,11 +303,33 @@ def _unterminated_sequence(study: str, series: str, sop: str) -> bytes:
     )
 
 
+def _short_pixel_data(study: str, series: str, sop: str) -> bytes:
+    """Pixel Data claiming 1 MiB (so long that the whole-dataset check skips it by seek)
+    of which 600 KB arrive."""
+    head = encode(instance(study, series, sop, Rows=512, Columns=1024, PixelData=None))
+    return head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 1 << 20) + bytes(600_000)
+
+
+def _unterminated_encapsulated(study: str, series: str, sop: str) -> bytes:
+    """Encapsulated Pixel Data (undefined length) whose last fragment is cut short and
+    whose sequence delimiter never comes: pydicom only warns about it."""
+    head = encode(instance(study, series, sop, PixelData=None))
+    item = b"\xfe\xff\x00\xe0"
+    return (head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+            + item + struct.pack("<L", 0) + item + struct.pack("<L", 100_000) + bytes(90_000))
+
+
 # name: (request SOP class, transfer syntax, dataset bytes from (study, series, request
 # SOP instance UID), statuses accepted, what the Error Comment must mention)
 MALFORMED: dict[str, tuple[str, str, Any, set[int], str]] = {
     "unterminated-sequence": (
         CTImageStorage, ExplicitVRLittleEndian, _unterminated_sequence,
+        {CANNOT_UNDERSTAND}, "parsed"),
+    "short-pixel-data": (
+        CTImageStorage, ExplicitVRLittleEndian, _short_pixel_data,
+        {CANNOT_UNDERSTAND}, "truncated"),
+    "unterminated-encapsulated-pixel-data": (
+        CTImageStorage, ExplicitVRLittleEndian, _unterminated_encapsulated,
         {CANNOT_UNDERSTAND}, "parsed"),
     "not-a-deflate-stream": (
         CTImageStorage, DeflatedExplicitVRLittleEndian,

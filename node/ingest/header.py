@@ -7,9 +7,12 @@ element values raw until asked, and only the indexed ones are converted.
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -83,31 +86,42 @@ _ASCII_VRS = frozenset({"UI", "CS", "DA", "TM", "IS", "DS"})
 
 #: Inflated in pieces of this size, so a deflate bomb costs at most the limit.
 _INFLATE_STEP = 1 << 20
+#: Values longer than this are skipped by seek, not read, when a whole stored dataset is
+#: checked: the check needs the element structure, not the pixels.
+DEFER_SIZE = 1 << 16
 
 
-def inflate(raw: bytes, max_size: int | None = None) -> BytesIO:
+def inflate(source: BinaryIO, target: BinaryIO, max_size: int) -> None:
     """Undo the deflate encoding of a dataset (Deflated Explicit VR Little Endian and
-    the JPIP Referenced Deflate syntaxes): a raw deflate stream.
+    the JPIP Referenced Deflate syntaxes: a raw deflate stream) from ``source`` into
+    ``target``, 1 MiB at a time in and out.
 
     Raises
     ------
     HeaderError
         *Out of resources* when the inflated dataset exceeds ``max_size`` bytes (the
-        stream is not inflated further: a 1 MB "bomb" must not take gigabytes).
+        stream is not inflated further: a 1 MB "bomb" must not take gigabytes), *cannot
+        understand* when ``source`` is no deflate stream.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = BytesIO()
-    pending = memoryview(raw)
-    while pending and not inflater.eof:
-        out.write(inflater.decompress(pending, _INFLATE_STEP))
-        pending = memoryview(inflater.unconsumed_tail)
-        if max_size is not None and out.tell() > max_size:
-            raise HeaderError(StoreStatus.OUT_OF_RESOURCES, too_large_comment(max_size, "inflated "))
-    out.write(inflater.flush())
-    if max_size is not None and out.tell() > max_size:
+    written = 0
+    try:
+        while not inflater.eof and (pending := source.read(_INFLATE_STEP)):
+            while pending and not inflater.eof:
+                written += target.write(inflater.decompress(pending, _INFLATE_STEP))
+                pending = inflater.unconsumed_tail
+                _check_inflated(written, max_size)
+        written += target.write(inflater.flush())
+    except zlib.error as exc:
+        raise HeaderError(
+            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
+        ) from exc
+    _check_inflated(written, max_size)
+
+
+def _check_inflated(written: int, max_size: int) -> None:
+    if written > max_size:
         raise HeaderError(StoreStatus.OUT_OF_RESOURCES, too_large_comment(max_size, "inflated "))
-    out.seek(0)
-    return out
 
 
 def too_large_comment(max_size: int, what: str = "") -> str:
@@ -115,31 +129,62 @@ def too_large_comment(max_size: int, what: str = "") -> str:
     return f"{what}dataset over node.max_instance_mb ({max_size >> 20} MiB)"
 
 
-def parse_dataset(raw: bytes, transfer_syntax: str, max_size: int | None = None) -> Dataset:
-    """Parse the whole dataset's element structure (Pixel Data included); values stay
-    raw until read.
+def parse_stored(
+    fp: BinaryIO, transfer_syntax: str, max_size: int, scratch: Callable[[], BinaryIO]
+) -> Dataset:
+    """Parse the whole dataset's element structure (Pixel Data included) from ``fp``'s
+    position to the end of its file; values stay raw until read, and those over
+    :data:`DEFER_SIZE` are not read at all.
 
-    A garbled or truncated encoding (including short Pixel Data) fails here.
+    A garbled or truncated encoding (including short Pixel Data) fails here. A deflated
+    dataset is inflated into ``scratch()`` (a file, closed afterwards), at most
+    ``max_size`` bytes of it.
+
+    pydicom reads the items of an undefined-length sequence without ``defer_size``
+    (its ``read_sequence`` does not pass it on): values inside those are read into
+    memory, bounded by the dataset's size, i.e. node.max_instance_mb.
 
     Raises
     ------
     HeaderError
         With status *cannot understand* when the bytes are not a DICOM dataset, *out
         of resources* when a deflated one inflates beyond ``max_size`` bytes.
+    OSError
+        When reading the file, or writing the inflated copy, fails (errno set).
     """
     ts = UID(transfer_syntax)
+    if not ts.is_deflated:
+        return _parse_file(fp, ts)
+    with scratch() as inflated:
+        inflate(fp, inflated, max_size)
+        inflated.seek(0)
+        return _parse_file(inflated, ts)
+
+
+def _parse_file(fp: BinaryIO, ts: UID) -> Dataset:
+    start = fp.tell()
+    end = os.fstat(fp.fileno()).st_size
     try:
-        data = inflate(raw, max_size) if ts.is_deflated else BytesIO(raw)
-        dataset = read_dataset(
-            data, is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian
-        )
-    except HeaderError:
-        raise
+        dataset = read_dataset(fp, is_implicit_VR=ts.is_implicit_VR,
+                               is_little_endian=ts.is_little_endian, defer_size=DEFER_SIZE)
     except Exception as exc:  # pydicom raises many types on garbage input
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk failed, not the data (pydicom's own OSErrors have no errno)
         raise HeaderError(
             StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
         ) from exc
     _check_lengths(dataset)
+    # A deferred value is skipped by seek, which goes past the end of a short file
+    # without complaint: the position after the last element tells.
+    stopped = fp.tell()
+    if stopped > end:
+        raise HeaderError(StoreStatus.CANNOT_UNDERSTAND,
+                          f"dataset is truncated ({end - start} of {stopped - start} bytes)")
+    if stopped < end:
+        # pydicom only warns when an undefined-length value (encapsulated Pixel Data)
+        # has no delimiter before the end, and leaves the rest unread.
+        raise HeaderError(StoreStatus.CANNOT_UNDERSTAND,
+                          f"dataset cannot be parsed past byte {stopped - start}")
     return dataset
 
 
@@ -147,7 +192,9 @@ def parse_dataset(raw: bytes, transfer_syntax: str, max_size: int | None = None)
 _PIXEL_GROUP = 0x7FE00000
 
 
-def parse_prefix(raw: bytes | memoryview, transfer_syntax: str) -> tuple[Dataset, int] | None:
+def parse_prefix(
+    raw: bytes | bytearray | memoryview, transfer_syntax: str
+) -> tuple[Dataset, int] | None:
     """Parse the elements before Pixel Data from the first bytes of a dataset.
 
     Returns the dataset (values raw) and the size the whole dataset will have if Pixel
@@ -185,7 +232,9 @@ def _check_lengths(dataset: Dataset) -> None:
     pydicom hands back a short value without complaint when the bytes end early;
     values stay raw (unconverted) here, so this costs one comparison per element.
     """
-    for elem in dataset.elements():
+    for tag in dataset.keys():
+        # keep_deferred: a value over DEFER_SIZE is not read (it is None here).
+        elem = dataset.get_item(tag, keep_deferred=True)
         if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
             if elem.value is not None and len(elem.value) != elem.length:
                 raise HeaderError(
@@ -196,10 +245,13 @@ def _check_lengths(dataset: Dataset) -> None:
 
 def _value(dataset: Dataset, keyword: str) -> object:
     tag = _TAG_OF[keyword]
+    raw = dataset.get_item(tag, keep_deferred=True)
+    if raw is None:
+        return None
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+        # Deferred by parse_stored: no attribute the node indexes is this long.
+        raise HeaderError(StoreStatus.CANNOT_UNDERSTAND, f"{keyword} is over {DEFER_SIZE} bytes")
     try:
-        raw = dataset.get_item(tag)
-        if raw is None:
-            return None
         if (
             isinstance(raw, RawDataElement)
             and _VR_OF[keyword] in _ASCII_VRS

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -25,8 +26,8 @@ from node.ingest.header import (
     HeaderError,
     InstanceHeader,
     extract_header,
-    parse_dataset,
     parse_prefix,
+    parse_stored,
     too_large_comment,
 )
 from node.ingest.index import InstanceIndex
@@ -133,21 +134,39 @@ class Ingestor:
         assert incoming.writer is not None
         if incoming.early is not None:
             return self._store_early(incoming, incoming.early)
-        dataset = incoming.dataset()
         size = incoming.writer.size
+        # The fsync runs in a worker while the file is parsed through a second handle.
         staging = self._pool.submit(incoming.writer.seal)
         try:
-            return self._index(incoming.request, dataset, staging, size)
+            return self._index(incoming, staging, size)
         finally:
             self._tidy(staging)
 
-    def _index(
-        self, request: StoreRequest, dataset: bytes, staging: Future[StagedFile], size: int
-    ) -> StoreResult:
+    def _parse(self, incoming: Incoming) -> Dataset:
+        """Check the whole dataset, read back from its staging file (values over
+        DEFER_SIZE skipped by seek): memory stays bounded whatever the instance's size.
+
+        Raises
+        ------
+        HeaderError
+            The refusal; *out of resources* ("storage failed") when a write to the
+            staging file failed (disk full) or reading it back, or inflating it, fails.
+        """
+        assert incoming.writer is not None
+        request = incoming.request
         try:
-            header = extract_header(
-                parse_dataset(dataset, request.transfer_syntax, self.max_instance_bytes)
-            )
+            with incoming.writer.reader(incoming.meta_size) as reader:
+                return parse_stored(reader, request.transfer_syntax, self.max_instance_bytes,
+                                    self.store.scratch)
+        except OSError as exc:  # StorageError included; HeaderError is no OSError
+            raise HeaderError(
+                StoreStatus.OUT_OF_RESOURCES, f"storage failed: {exc.strerror}"
+            ) from exc
+
+    def _index(self, incoming: Incoming, staging: Future[StagedFile], size: int) -> StoreResult:
+        request = incoming.request
+        try:
+            header = extract_header(self._parse(incoming))
         except HeaderError as exc:
             return StoreResult(exc.status, exc.reason)
         mismatch = _mismatch(header, request)
@@ -255,9 +274,7 @@ class Ingestor:
             # Elements after Pixel Data, encapsulated (compressed) pixels, or a short
             # dataset: check the whole of it as the normal path does.
             try:
-                parse_dataset(
-                    incoming.dataset(), request.transfer_syntax, self.max_instance_bytes
-                )
+                self._parse(incoming)
             except HeaderError as exc:
                 writer.discard()
                 self._take_back(early, request.association_id)
@@ -380,7 +397,11 @@ class Incoming:
         self.refusal = refusal
         self.early: Early | None = None
         self._looking = writer is not None and refusal is None
-        self._fragments: list[bytes | memoryview] = []
+        # Where the dataset starts in the staging file: after the file meta begin() wrote.
+        self.meta_size = writer.size if writer is not None else 0
+        # The dataset's first bytes (a copy: a fragment may be a view of a whole PDU),
+        # kept only while the header is looked for; the rest is only in the file.
+        self._prefix = bytearray()
         # Bytes still allowed before the dataset exceeds node.max_instance_mb.
         self._room = ingestor.max_instance_bytes
 
@@ -390,22 +411,21 @@ class Incoming:
         if self._room < 0:
             self._refuse_size()
             return
-        self._fragments.append(fragment)
         if self.writer is not None:
             self.writer.write(fragment)
             if self._looking:
+                self._prefix += fragment[: _EARLY_LIMIT + 1 - len(self._prefix)]
                 self._look_for_header()
 
     def _look_for_header(self) -> None:
         """Index the instance as soon as the elements before Pixel Data are here."""
         assert self.writer is not None
-        data = self.dataset()
-        if len(data) > _EARLY_LIMIT:
-            self._looking = False
-        found = parse_prefix(data, self.request.transfer_syntax)
+        found = parse_prefix(self._prefix, self.request.transfer_syntax)
+        if found is None and len(self._prefix) <= _EARLY_LIMIT:
+            return  # wait for more
+        self._stop_looking()
         if found is None:
             return
-        self._looking = False
         dataset, dataset_size = found
         try:
             header = extract_header(dataset)
@@ -417,12 +437,15 @@ class Incoming:
             # A series' first instance creates its patient, study and series rows: those
             # wait for the whole instance, so an aborted one never leaves an empty study.
             return
-        meta_size = self.writer.size - len(data)
-        size = meta_size + dataset_size if dataset_size >= 0 else -1
+        size = self.meta_size + dataset_size if dataset_size >= 0 else -1
         self.early = self.ingestor.index_early(self, header, size)
 
+    def _stop_looking(self) -> None:
+        self._looking = False
+        self._prefix = bytearray()
+
     def _refuse_size(self) -> None:
-        """Too large: drop what arrived (file, fragments, early row); the rest of the
+        """Too large: drop what arrived (file, prefix, early row); the rest of the
         dataset is still read off the association and ignored, then refused."""
         if self.refusal is None:
             limit = self.ingestor.max_instance_bytes
@@ -430,13 +453,7 @@ class Incoming:
             self.abort()
             self.writer = None
             self.early = None
-            self._looking = False
-        self._fragments = []
-
-    def dataset(self) -> bytes:
-        data = b"".join(self._fragments)
-        self._fragments = [data]
-        return data
+            self._stop_looking()
 
     def finish(self) -> StoreResult:
         """The dataset is complete: make it safe and indexed, or refuse it."""

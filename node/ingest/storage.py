@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.dicom.codec import file_meta_group
@@ -107,6 +108,24 @@ class StagingWriter:
             raise _failed(PurePosixPath(InstanceStore.INCOMING), self.error)
         return StagedFile(self.tmp, self.size)
 
+    def reader(self, offset: int) -> BinaryIO:
+        """The file as written so far, through a read-only handle of its own, from byte
+        ``offset``: it can be read (from the page cache) while :meth:`seal` fsyncs.
+
+        Raises
+        ------
+        StorageError
+            If a write failed (the file is gone then) or the file cannot be opened.
+        """
+        if self.error is not None:
+            raise _failed(PurePosixPath(InstanceStore.INCOMING), self.error)
+        try:
+            fp = open(self.tmp, "rb")  # the caller closes it
+        except OSError as exc:
+            raise _failed(PurePosixPath(InstanceStore.INCOMING), exc) from exc
+        fp.seek(offset)
+        return fp
+
     def discard(self) -> None:
         self._close()
         _unlink_quietly(self.tmp)
@@ -163,6 +182,27 @@ class InstanceStore:
     def open_staging(self) -> StagingWriter:
         """Start a new temporary file in ``incoming``; write it piece by piece."""
         return StagingWriter(self, self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.tmp")
+
+    def scratch(self) -> BinaryIO:
+        """A new read-write file in ``incoming`` for a working copy (an inflated
+        dataset): created ``file_mode`` (patient data), and unlinked at once, so that it
+        is gone when closed, or when the process dies.
+
+        Raises
+        ------
+        OSError
+            If it cannot be created.
+        """
+        self._ensure_dir(self.incoming)
+        path = self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.file_mode)
+        _unlink_quietly(path)
+        try:
+            os.fchmod(fd, self.file_mode)  # exactly this, whatever the umask
+            return os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def stage(self, parts: list[bytes | memoryview]) -> StagedFile:
         """Write ``parts`` to a new temporary file and fsync it."""
