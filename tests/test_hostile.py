@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -233,24 +232,25 @@ def test_memory_budget_under_hostile_input(make_node: Any, tmp_path: Path) -> No
 
 def test_fallback_path_is_bounded_too(make_node: Any) -> None:
     """With PDUs too small for a whole command set, C-STOREs go through pynetdicom,
-    which gathers the dataset in memory: the node aborts it at node.max_instance_mb."""
+    which gathers the dataset in memory: at node.max_instance_mb the node drops it,
+    discards the rest and answers 0xA700, as on the direct path; the association goes on."""
     node = _node(make_node, max_pdu="100", max_instance_mb="1")
     ds = instance(generate_uid(), generate_uid(), Rows=1024, Columns=576,
                   PixelData=bytes(1024 * 576 * 2))
-    ae = AE(ae_title="FALLBACK")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-    assert assoc.is_established
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    status = assoc.send_c_store(ds)
-    assert not status  # no response: the association was aborted
-    deadline = time.monotonic() + 10
-    while not assoc.is_aborted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert assoc.is_aborted
-    assert "message part over 1048576 bytes" in node.log()
-    _assert_nothing_kept(node)
+    assoc = associate(node, "FALLBACK")
+    try:
+        assert store(assoc, ds) == (OUT_OF_RESOURCES, "dataset over node.max_instance_mb (1 MiB)")
+        echo = assoc.send_c_echo()
+        assert echo and echo.Status == 0x0000
+        small = instance(generate_uid(), generate_uid())
+        assert store(assoc, small) == (0x0000, "")
+    finally:
+        assoc.release()
+    assert f"refused instance {ds.SOPInstanceUID} from 'FALLBACK': 0xA700" in node.log()
+    assert association_rows(node)["FALLBACK"]["outcome"] == "released"
+    rows = query(node.db_url, "select sop_instance_uid from instances")
+    assert rows == [{"sop_instance_uid": small.SOPInstanceUID}]
+    _assert_nothing_staged(node)
 
 
 # -- streamed to the staging file, never held in memory ------------------------------

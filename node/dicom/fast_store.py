@@ -15,25 +15,36 @@ PS3.7 9.3.1 (C-STORE) define the encodings used here.
 
 Tracks pynetdicom 3.0.4 (pinned in pyproject.toml): it is called from that version's
 DUL read loop (see :mod:`node.dicom.reactor`) and reads the association's accepted
-presentation contexts from its private ``_accepted_cx``, as of that version.
+presentation contexts from its private ``_accepted_cx``, as of that version; to refuse
+a dataset over node.max_instance_mb on pynetdicom's own path it reads and drops that
+version's message in progress (``DIMSEServiceProvider.message``, a ``C_STORE_RQ`` once
+its command set is decoded) after handling the DUL's queued events.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from pynetdicom.dimse_messages import C_STORE_RQ
 
 from node.dicom.codec import Command, decode_command, store_response
+from node.ingest.header import too_large_comment
+
+log = logging.getLogger(__name__)
 
 _PDV = struct.Struct(">LBB")  # item length, presentation context ID, message control header
 _PDU = struct.Struct(">BBL")  # type, reserved, length
 
 _COMMAND = 0x01  # message control header bit 0: command (else dataset)
 _LAST = 0x02  # bit 1: last fragment
-C_STORE_RQ = 0x0001
+C_STORE = 0x0001  # command field of a C-STORE-RQ
 NO_DATASET = 0x0101
+OUT_OF_RESOURCES = 0xA700
 
 class IncomingStore(Protocol):
     """The receiving side of one C-STORE: fed fragments, then finished or aborted."""
@@ -45,6 +56,24 @@ class IncomingStore(Protocol):
         ...
 
     def abort(self) -> None: ...
+
+
+class RefusedStore:
+    """An instance refused before its dataset ended: the rest is read and dropped, and
+    the refusal answered after the last fragment."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        self.status = status
+        self.comment = comment
+
+    def write(self, fragment: memoryview) -> None:
+        pass
+
+    def finish(self) -> tuple[int, str]:
+        return self.status, self.comment
+
+    def abort(self) -> None:
+        pass
 
 
 #: (association, transfer syntax UID, command) -> the receiver of its dataset
@@ -110,6 +139,36 @@ class FastStore:
             pdvs = pdvs[1:]
         return self._gather(assoc, pdvs)
 
+    def refuse_over_limit(self, dul: Any, body: bytearray) -> bytes | None:
+        """A C-STORE dataset on pynetdicom's path went over node.max_instance_mb with
+        this P-DATA-TF ``body``: answer it 0xA700, as this path does, and keep the
+        association.
+
+        pynetdicom's partial message is dropped, and the rest of the dataset, from
+        ``body`` on, is gathered here by an instance already refused, which discards
+        its PDVs and is answered after the last. Returns what :meth:`offer` would, or
+        ``None`` when the message is no C-STORE-RQ with a complete command set, or
+        breaks the P-DATA rules (then the association is to be aborted).
+        """
+        message = _gathered_message(dul)
+        if not isinstance(message, C_STORE_RQ) or message.context_id is None:
+            return None
+        try:
+            command = decode_command(message.encoded_command_set.getvalue())
+        except ValueError:
+            return None
+        dul.assoc.dimse.message = None  # frees what pynetdicom gathered
+        comment = too_large_comment(dul.max_message_part)
+        log.warning("refused instance %s from %r: 0x%04X %s", command.affected_sop_instance_uid,
+                    dul.assoc.requestor.ae_title, OUT_OF_RESOURCES, comment)
+        self._message = _Message(message.context_id, command,
+                                 RefusedStore(OUT_OF_RESOURCES, comment))
+        try:
+            return self._gather(dul.assoc, split_pdvs(memoryview(body)))
+        except ProtocolError as exc:
+            log.error("aborting association: %s", exc)
+            return None
+
     def _start(self, assoc: object, pdvs: list[tuple[int, int, memoryview]]) -> _Message | None:
         if self._command_pending or not pdvs:
             return None
@@ -126,7 +185,7 @@ class FastStore:
         except ValueError:  # an odd command set: let pynetdicom deal with it
             return None
         eligible = (
-            command.command_field == C_STORE_RQ
+            command.command_field == C_STORE
             and command.command_data_set_type != NO_DATASET
             and command.affected_sop_class_uid == context.abstract_syntax
         )
@@ -162,3 +221,16 @@ class FastStore:
         if self._message is not None:
             self._message.incoming.abort()
             self._message = None
+
+
+def _gathered_message(dul: Any) -> Any:
+    """pynetdicom's message in progress, once every PDU read before this one has reached
+    it: their events, queued before this PDU's, are handled first, in order, as the DUL
+    loop would (it handles one event per PDU read, so there is rarely one left)."""
+    while not dul._recv_pdu.empty():
+        try:
+            event = dul.event_queue.get(block=False)
+        except queue.Empty:
+            break
+        dul.state_machine.do_action(event)
+    return dul.assoc.dimse.message

@@ -155,7 +155,16 @@ class FastDUL(DULServiceProvider):
                         sock.send(reply)
                     return
         if pdu_type == 0x04 and self._fallback_over_limit(body):
-            self._refuse(f"message part over {self.max_message_part} bytes (node.max_instance_mb)")
+            fast = self._fast_store()
+            reply = None if fast is None else fast.refuse_over_limit(self, body)
+            if reply is None:
+                self._refuse(
+                    f"message part over {self.max_message_part} bytes (node.max_instance_mb)"
+                )
+                return
+            self._fallback_bytes = 0  # the rest of that dataset takes the direct path
+            if reply:
+                sock.send(reply)
             return
         try:
             pdu, event = self._decode_pdu(header + body)
@@ -173,7 +182,8 @@ class FastDUL(DULServiceProvider):
 
     def _fallback_over_limit(self, body: bytearray) -> bool:
         """pynetdicom gathers a message's command or dataset in memory until its last
-        fragment: bound that by node.max_instance_mb too."""
+        fragment: bound that by node.max_instance_mb too (a C-STORE over it is answered
+        0xA700 by FastStore.refuse_over_limit, anything else aborted)."""
         self._fallback_bytes += len(body)
         if self._fallback_bytes > self.max_message_part:
             return True
