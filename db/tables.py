@@ -282,29 +282,93 @@ class Result(Base):
 
 
 class DeliveryStatus(str, enum.Enum):
-    PENDING = "pending"  # waiting for its next attempt
+    """The life of one result on its way to one destination (the outbox).
+
+    ``pending`` waits for its next attempt (``next_attempt_at``); ``sending`` is held by
+    one process (``owner`` until ``lease_until``) while it sends; then ``sent`` (the
+    destination answered Success to the C-STORE), or, for a destination with
+    ``storage_commitment``, ``awaiting_commitment`` until the PACS reports the instance
+    safe (``committed``) or not (``pending`` again, re-sent). ``failed``: not delivered
+    within ``delivery.max_age_h``; needs an operator (``pacsnode resend``).
+    """
+
+    PENDING = "pending"
     SENDING = "sending"
     SENT = "sent"
-    FAILED = "failed"  # gave up after delivery.max_attempts; needs an operator
+    AWAITING_COMMITMENT = "awaiting_commitment"
+    COMMITTED = "committed"
+    FAILED = "failed"
 
 
 class Delivery(Base):
-    """One result on its way to one destination."""
+    """One result on its way to one destination: a durable message until the
+    destination confirms it."""
 
     __tablename__ = "deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
+    status: Mapped[str] = mapped_column(String(32), default=DeliveryStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: When it (last) entered the outbox: created, or put back by ``pacsnode resend``;
+    #: it is ``failed`` once ``delivery.max_age_h`` has passed since without success.
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: pending: the next send; awaiting_commitment: the next Storage Commitment request
+    #: (now, or when the last one has gone unanswered for delivery.commitment_timeout_s).
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The Transaction UID of the Storage Commitment request waiting for its report, and
+    #: how many requests were made (each unanswered one is asked again).
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    commitment_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: The process working on it (running/sending) and until when its lease holds.
     owner: Mapped[str | None] = mapped_column(String(36))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_deliveries_destination_due", "destination", "status", "next_attempt_at"),
+    )
+
+
+class DeliveryEvent(Base):
+    """A change of a delivery (a status, an attempt, a Storage Commitment request),
+    with its reason, kept for audit."""
+
+    __tablename__ = "delivery_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_fk: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    from_status: Mapped[str | None] = mapped_column(String(32))
+    to_status: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class CircuitState(str, enum.Enum):
+    """A destination's circuit breaker: ``closed`` sends everything due; ``open`` (after
+    ``delivery.breaker_failures`` failed rounds in a row) sends one probe per interval;
+    ``half-open`` while that probe is under way."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class DestinationState(Base):
+    """The circuit breaker of one destination, shared by every process of the node."""
+
+    __tablename__ = "destination_states"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=CircuitState.CLOSED.value)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
