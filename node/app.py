@@ -232,8 +232,8 @@ class Node:
         self._start_monitor(engine, on_stable)
 
     def _start_workflow(self, engine: Engine, lease: Any) -> Callable[[Any], None]:
-        """Check the models in a worker, start the job runner and the delivery worker;
-        returns what wakes the runner."""
+        """Check the models in a worker, start the job runner and the outbox (a sender per
+        destination); returns what wakes the runner."""
         from node.workflow import delivery, jobs
         from node.workflow.executor import make_executor
 
@@ -241,7 +241,7 @@ class Node:
         executor = make_executor(settings)
         self._stops.append(executor.shutdown)
         executor.check_models()
-        sender = self._sender = delivery.DeliveryWorker(engine, settings, lease)
+        sender = self._sender = delivery.Outbox(engine, settings, lease)
         runner = self._runner = jobs.JobRunner(engine, settings, executor, lease,
                                                on_job_end=sender.wake.set)
         sender.start()

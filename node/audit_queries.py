@@ -129,19 +129,13 @@ def list_studies(engine: Engine) -> list[dict[str, Any]]:
 
 
 def _deliveries(conn: Any, result_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    from node.delivery_queries import delivery_dict
+
     by_result: dict[int, list[dict[str, Any]]] = {}
     for item in conn.execute(
         select(Delivery).where(Delivery.result_fk.in_(result_ids)).order_by(Delivery.id)
     ).scalars():
-        by_result.setdefault(item.result_fk, []).append({
-            "destination": item.destination,
-            "status": item.status,
-            "attempts": item.attempts,
-            "last_error": item.last_error,
-            "last_attempt_at": _iso(item.last_attempt_at),
-            "next_attempt_at": _iso(item.next_attempt_at) if item.status == "pending" else None,
-            "sent_at": _iso(item.sent_at),
-        })
+        by_result.setdefault(item.result_fk, []).append(delivery_dict(item))
     return by_result
 
 
@@ -183,6 +177,15 @@ def _jobs_by_series(conn: Any, study_id: int) -> dict[int, list[dict[str, Any]]]
     return by_series
 
 
+def _circuits_of(conn: Any, jobs: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The circuit breakers of the destinations this study's results go to."""
+    from node.delivery_queries import circuits_in
+
+    names = sorted({d["destination"] for history in jobs.values() for job in history
+                    for result in job["results"] for d in result["deliveries"]})
+    return circuits_in(conn, names) if names else []
+
+
 def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
     """One study with its state history and the associations that delivered it."""
     with read_session(engine) as conn:
@@ -200,6 +203,7 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
             select(Series.series_instance_uid, Series.id).where(Series.study_fk == study.id)
         ).all())
         jobs = _jobs_by_series(conn, study.id)
+        detail["destinations"] = _circuits_of(conn, jobs)
         for series in detail["series"]:
             history = jobs.get(series_ids[series["series_instance_uid"]], [])
             series["jobs"] = history

@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    from node.cli_deliveries import add_commands
+
+    add_commands(commands, common, _open_catalogue, CLIError)
+
     db = commands.add_parser("db", parents=[common], help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     upgrade = db_commands.add_parser("upgrade", parents=[common], help="apply migrations")

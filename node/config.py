@@ -377,12 +377,46 @@ class JobsConfig(_Section):
 
 
 class DeliveryConfig(_Section):
-    """Sending results to destinations, with retries."""
+    """The outbox: a sender per destination; failed sends retried with exponential
+    backoff and jitter for ``max_age_h``; ``breaker_failures`` failed rounds in a row
+    open a destination's circuit: one probe per backoff interval, until one succeeds."""
 
-    retry_initial_s: float = Field(5.0, gt=0)
-    retry_max_s: float = Field(600.0, gt=0)
-    max_attempts: int = Field(50, ge=1)
+    retry_initial_s: float = Field(5.0, gt=0, description="backoff after the first failure")
+    retry_max_s: float = Field(600.0, gt=0, description="the longest backoff")
+    retry_jitter: float = Field(
+        0.2, ge=0, lt=1, description="each backoff is scaled by a random factor in "
+        "1 +- retry_jitter, so senders that failed together do not retry together"
+    )
+    max_age_h: float = Field(
+        72.0, gt=0, description="a delivery not confirmed this long after it was queued is failed"
+    )
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="TCP connect, and the A-ASSOCIATE answer, each within this"
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="failed rounds in a row that open a destination's circuit"
+    )
+    commitment_timeout_s: float = Field(
+        600.0, gt=0, description="Storage Commitment asked again if no report came by then"
+    )
     poll_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_attempts" in data:
+            raise ValueError(
+                "max_attempts was removed: a delivery is now retried for "
+                "delivery.max_age_h hours (default 72), then failed; set "
+                "delivery.max_age_h instead")
+        return data
+
+    @model_validator(mode="after")
+    def _backoff_range(self) -> Self:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError(f"retry_max_s ({self.retry_max_s:g}) must be at least "
+                             f"retry_initial_s ({self.retry_initial_s:g})")
+        return self
 
 
 class WebConfig(_Section):

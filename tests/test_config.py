@@ -74,6 +74,10 @@ def test_config_file_from_environment_variable(tmp_path: Path, monkeypatch: pyte
         ("node: {association_timeout_s: 0}\n", {}, "node.association_timeout_s"),
         ("node: {max_associations_per_host: 0}\n", {}, "node.max_associations_per_host"),
         ("", {"PACSNODE__NODE__MAX_INSTANCE_MB": "-1"}, "node.max_instance_mb"),
+        ("delivery: {breaker_failures: 0}\n", {}, "delivery.breaker_failures"),
+        ("delivery: {retry_jitter: 1.5}\n", {}, "delivery.retry_jitter"),
+        ("delivery: {retry_initial_s: 30, retry_max_s: 10}\n", {},
+         "delivery: retry_max_s (10) must be at least retry_initial_s (30)"),
     ],
 )
 def test_bad_values_name_the_key(
@@ -86,6 +90,15 @@ def test_bad_values_name_the_key(
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     assert named in str(info.value)
+
+
+def test_a_removed_key_names_its_replacement(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("delivery: {max_attempts: 50}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "delivery: max_attempts was removed" in str(info.value)
+    assert "set delivery.max_age_h instead" in str(info.value)
 
 
 def test_missing_and_broken_files(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -69,14 +70,19 @@ class Peer:
     #: DICOM TLS: the peer's certificate is verified against the CA, and its host name
     #: or IP address against the certificate's subjectAltName.
     tls: ClientTLS | None = None
+    #: How long the TCP connection, and then the answer to our A-ASSOCIATE-RQ, may
+    #: each take (a peer that accepts the connection and stays silent costs this much).
+    connect_timeout_s: float = 60.0
 
-    def associate(self, ae: AE) -> tuple[Association, ssl.SSLContext | None]:
+    def associate(self, ae: AE, handlers: list[tuple[Any, Any]] | None = None,
+                  ) -> tuple[Association, ssl.SSLContext | None]:
         """Request an association from ``ae`` (over TLS if configured); the context is
         returned so a failed handshake can be explained (:func:`_refusal`)."""
         context = self.tls.context() if self.tls is not None else None
         tls_args = (context, self.host) if context is not None else None
+        ae.connection_timeout = ae.acse_timeout = self.connect_timeout_s
         return ae.associate(self.host, self.port, ae_title=self.ae_title,
-                            tls_args=tls_args), context
+                            tls_args=tls_args, evt_handlers=handlers or []), context
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ def _client_ae(peer: Peer) -> AE:
     ae = AE(ae_title=peer.calling_ae)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.dimse_timeout = ae.network_timeout = 60
+    ae.connection_timeout = ae.acse_timeout = peer.connect_timeout_s
     return ae
 
 
@@ -139,6 +146,17 @@ class _Item:
     path: Path
     sop_class_uid: str
     transfer_syntax: str
+
+
+def inspect_file(path: Path) -> _Item:
+    """What sending ``path`` needs: its SOP class and transfer syntax (from its meta).
+
+    Raises
+    ------
+    InvalidDicomError, OSError, ValueError, EOFError
+        Not a readable DICOM Part 10 file.
+    """
+    return _inspect(path)
 
 
 def _inspect(path: Path) -> _Item:
@@ -236,19 +254,25 @@ def _send_batch(
 
 
 def _store_one(assoc: object, item: _Item) -> tuple[bool, str]:
+    ok, reason, _answered = _store_answer(assoc, item)
+    return ok, reason
+
+
+def _store_answer(assoc: object, item: _Item) -> tuple[bool, str, bool]:
+    """(stored, the reason if not, whether the peer answered at all)."""
     try:
         status = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
     except Exception as exc:  # pynetdicom raises several types for unsendable files
-        return False, str(exc).splitlines()[0]
+        return False, str(exc).splitlines()[0], False
     if not status:
-        return False, "no response (connection lost, or timed out)"
+        return False, "no response (connection lost, or timed out)", False
     code = int(status.Status)
     # A warning (0xB000 coercion, 0xB007 mismatch, 0xB006 elements discarded...)
     # still means the peer stored the instance.
     if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
-        return True, ""
+        return True, "", True
     comment = status.get("ErrorComment", "")
-    return False, f"status 0x{code:04X}{': ' + str(comment) if comment else ''}"
+    return False, f"status 0x{code:04X}{': ' + str(comment) if comment else ''}", True
 
 
 def _refusal(peer: Peer, assoc: object, context: ssl.SSLContext | None = None) -> str:
@@ -262,3 +286,51 @@ def _refusal(peer: Peer, assoc: object, context: ssl.SSLContext | None = None) -
                 "ended the handshake: a peer that requires a client certificate needs ours, "
                 "and must trust the CA that signed it)")
     return f"cannot connect to {where} (connection refused, or the association request aborted)"
+
+
+class StoreAssociation:
+    """An established association on which files are sent one by one."""
+
+    def __init__(self, assoc: Association) -> None:
+        self._assoc = assoc
+        #: C-STOREs the peer answered, with any status: it is up, whatever it thought
+        #: of the instance.
+        self.answered = 0
+
+    @property
+    def established(self) -> bool:
+        return bool(self._assoc.is_established)
+
+    def store(self, item: _Item) -> tuple[bool, str]:
+        """C-STORE one file as it is on disk; (stored, the reason if not)."""
+        if not self.established:
+            return False, "association ended by the peer"
+        ok, reason, answered = _store_answer(self._assoc, item)
+        self.answered += answered
+        return ok, reason
+
+
+@contextmanager
+def store_association(items: list[_Item], peer: Peer) -> Iterator[StoreAssociation]:
+    """An association to ``peer`` proposing one context per (SOP class, transfer syntax)
+    of ``items`` (at most 128), released at the end.
+
+    Raises
+    ------
+    ConnectionError
+        The peer cannot be reached or refused the association (the message says why).
+    """
+    pairs = dict.fromkeys((item.sop_class_uid, item.transfer_syntax) for item in items)
+    if len(pairs) > _MAX_CONTEXTS:
+        raise ValueError(f"{len(pairs)} presentation contexts; at most {_MAX_CONTEXTS}")
+    ae = _client_ae(peer)
+    ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
+    assoc, context = peer.associate(ae)
+    if not assoc.is_established:
+        raise ConnectionError(_refusal(peer, assoc, context))
+    with sending_files_as_stored():
+        try:
+            yield StoreAssociation(assoc)
+        finally:
+            if assoc.is_established:
+                assoc.release()

@@ -1,127 +1,53 @@
-"""Delivery: send each result to each of its destinations, retrying with backoff.
+"""Delivery: one sender per destination, so one unreachable PACS never delays another.
 
-Every (result, destination) pair is a row in ``deliveries``. The worker claims due
-rows, sends them with C-STORE (one association per destination per round, SEG before
-SR so a viewer can resolve the SR's reference), and records the outcome: ``sent``, or
-back to ``pending`` with the error and a later ``next_attempt_at`` (doubling from
-``delivery.retry_initial_s`` up to ``retry_max_s``), or ``failed`` after
-``delivery.max_attempts``, which is logged and shown in ``pacsnode study``. Nothing is
-dropped silently.
+The :class:`Outbox` runs a :class:`DestinationSender` thread per configured
+destination. Each round a sender fails deliveries past ``delivery.max_age_h``, then, by
+its circuit (:mod:`node.workflow.breaker`): closed, it claims the destination's due
+pending deliveries (:mod:`node.workflow.outbox`), sends them on one association in
+result order (a SEG before its SR; an SR whose SEG failed in the round is held back
+with it), records each outcome, and, for a ``storage_commitment`` destination, asks the
+PACS to commit to what it stored (:mod:`node.workflow.commitment`); open, it sends one
+probe when one is due. Connecting and the association request are each bounded by
+``delivery.connect_timeout_s``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, Table, select, update
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Engine, Table, select, true
 
-from db.tables import Delivery, DeliveryStatus, Result, utcnow
-from node.config import DeliveryConfig, Destination, Settings
-from node.dicom.scu import Peer, send_files
+from db.tables import Delivery, DeliveryStatus, utcnow
+from node.config import Destination, Settings
+from node.dicom.scu import (
+    Peer,
+    echo,
+    inspect_file,
+    store_association,
+)
 from node.dicom.tls import ClientTLS
-from node.leases import Lease, expired, released
+from node.leases import Lease, expired
+from node.workflow import breaker, outbox
+from node.workflow.outbox import Due, Outcome
 
 log = logging.getLogger(__name__)
 
 _deliveries: Table = Delivery.__table__  # type: ignore[assignment]
 
 
-@dataclass(frozen=True)
-class _Due:
-    delivery_id: int
-    destination: str
-    attempts: int
-    path: Path
-
-
-def backoff_s(config: DeliveryConfig, attempts: int) -> float:
-    """Delay before the next try after ``attempts`` failed ones."""
-    return min(config.retry_max_s, config.retry_initial_s * 2 ** max(attempts - 1, 0))
-
-
-def claim_due(engine: Engine, data_dir: Path, now: datetime, lease: Lease,
-              limit: int = 500) -> list[_Due]:
-    """Mark due pending deliveries as sending for this process, oldest result first."""
-    claimed: list[_Due] = []
-    with engine.begin() as conn:
-        rows = conn.execute(
-            select(_deliveries.c.id, _deliveries.c.destination, _deliveries.c.attempts,
-                   Result.file_path)
-            .join(Result, Result.id == _deliveries.c.result_fk)
-            .where(_deliveries.c.status == DeliveryStatus.PENDING.value)
-            .where(_deliveries.c.next_attempt_at <= now)
-            .order_by(_deliveries.c.result_fk, _deliveries.c.id)
-            .limit(limit)
-            .with_for_update(of=_deliveries, skip_locked=True)
-        ).all()
-        for row in rows:
-            if conn.execute(
-                update(_deliveries).where(_deliveries.c.id == row.id)
-                .where(_deliveries.c.status == DeliveryStatus.PENDING.value)
-                .values(status=DeliveryStatus.SENDING.value, **lease.claim(now),
-                        last_attempt_at=now, attempts=_deliveries.c.attempts + 1)
-            ).rowcount:
-                claimed.append(_Due(row.id, row.destination, row.attempts + 1,
-                                    data_dir / row.file_path))
-    return claimed
-
-
-def record_outcomes(engine: Engine, config: DeliveryConfig,
-                    outcomes: list[tuple[_Due, str | None]], now: datetime) -> None:
-    """``(delivery, error or None)`` -> sent, pending again with backoff, or failed."""
-    with engine.begin() as conn:
-        for due, error in outcomes:
-            if error is None:
-                values = {"status": DeliveryStatus.SENT.value, "sent_at": now,
-                          "last_error": ""}
-            elif due.attempts >= config.max_attempts:
-                log.error("delivery %s to %s failed for good after %s attempts: %s",
-                          due.delivery_id, due.destination, due.attempts, error)
-                values = {"status": DeliveryStatus.FAILED.value, "last_error": error}
-            else:
-                delay = backoff_s(config, due.attempts)
-                log.warning("delivery %s to %s failed (attempt %s), retrying in %.0f s: %s",
-                            due.delivery_id, due.destination, due.attempts, delay, error)
-                values = {"status": DeliveryStatus.PENDING.value, "last_error": error,
-                          "next_attempt_at": now + timedelta(seconds=delay)}
-            conn.execute(update(_deliveries).where(_deliveries.c.id == due.delivery_id)
-                         .values(lease_until=None, **values))
-
-
 def take_over_expired(engine: Engine, now: datetime) -> int:
     """Deliveries whose sender's lease expired (it died mid-send) go back to pending;
-    they are sent again as the same SOP Instance, which a PACS takes as a duplicate."""
-    with engine.begin() as conn:
-        taken = conn.execute(
-            update(_deliveries)
-            .where(_deliveries.c.status == DeliveryStatus.SENDING.value)
-            .where(expired(_deliveries, now))
-            .values(status=DeliveryStatus.PENDING.value, **released())
-            .returning(_deliveries.c.id)
-        ).scalars().all()
+    they are sent again as the same file, which a PACS takes as a duplicate."""
+    taken = outbox.take_over(engine, now, expired(_deliveries, now))
     if taken:
         log.warning("%s deliveries of a process that stopped renewing its lease will be "
                     "sent again", len(taken))
     return len(taken)
-
-
-def deliver_once(engine: Engine, settings: Settings, lease: Lease) -> int:
-    """One round: send everything due; returns how many deliveries were attempted."""
-    now = utcnow()
-    due = claim_due(engine, settings.storage.data_dir, now, lease)
-    by_destination: dict[str, list[_Due]] = defaultdict(list)
-    for item in due:
-        by_destination[item.destination].append(item)
-    outcomes: list[tuple[_Due, str | None]] = []
-    for name, items in by_destination.items():
-        outcomes += _send_to(settings, name, items)
-    record_outcomes(engine, settings.delivery, outcomes, utcnow())
-    return len(due)
 
 
 def destination_peer(settings: Settings, dest: Destination) -> Peer:
@@ -131,46 +57,204 @@ def destination_peer(settings: Settings, dest: Destination) -> Peer:
         tls = ClientTLS.from_config(
             dest.tls, f"destinations.{settings.destinations.index(dest)}.tls")
     return Peer(host=dest.host, port=dest.port, ae_title=dest.ae_title,
-                calling_ae=settings.node.ae_title, tls=tls)
+                calling_ae=settings.node.ae_title, tls=tls,
+                connect_timeout_s=settings.delivery.connect_timeout_s)
 
 
-def _send_to(settings: Settings, name: str, items: list[_Due]) -> list[tuple[_Due, str | None]]:
+@dataclass(frozen=True)
+class Round:
+    """What one round of sending found: each delivery's outcome, and the destination's
+    health (``reached`` None: not contacted, every file was unreadable)."""
+
+    outcomes: list[Outcome]
+    reached: bool | None
+    error: str = ""
+
+
+def send_round(items: list[Due], peer: Peer) -> Round:
+    """Send ``items`` on one association, in order. The destination counts as reached
+    when it answered any C-STORE, whatever it said of the instance."""
+    readable, outcomes = [], []
+    for due in items:
+        try:
+            readable.append((due, inspect_file(due.path)))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            outcomes.append(Outcome(due, f"result file {due.path} unreadable: {exc}"))
+    if not readable:
+        return Round(outcomes, None)
     try:
-        dest = settings.destination(name)
-    except Exception:
-        return [(item, f"destination {name!r} is no longer configured") for item in items]
-    peer = destination_peer(settings, dest)
-    by_path = {str(item.path): item for item in items}
-    try:
-        summary = send_files([item.path for item in items], peer)
-    except Exception as exc:  # never let one destination stop the others
-        return [(item, f"{type(exc).__name__}: {exc}") for item in items]
-    failed = {failure.path: failure.reason for failure in summary.failures}
-    return [(item, failed.get(path)) for path, item in by_path.items()]
+        with store_association([item for _, item in readable], peer) as assoc:
+            outcomes += _store_in_order(readable, assoc)
+            answered = assoc.answered
+    except ConnectionError as exc:
+        return Round(outcomes + [Outcome(due, str(exc)) for due, _ in readable], False,
+                     str(exc))
+    return Round(outcomes, answered > 0, "" if answered else outcomes[-1].error or "")
 
 
-class DeliveryWorker(threading.Thread):
-    """Runs :func:`deliver_once` whenever woken or every ``delivery.poll_interval_s``."""
+def _store_in_order(readable: list[tuple[Due, object]], assoc: object) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    failed_in_job: dict[int, Outcome] = {}
+    for due, item in readable:
+        if (first := failed_in_job.get(due.job_id)) is not None:
+            outcomes.append(Outcome(due, first.error, held_by=first.due.delivery_id))
+            continue
+        ok, reason = assoc.store(item)  # type: ignore[attr-defined]
+        outcome = Outcome(due, None if ok else reason)
+        if not ok:
+            failed_in_job[due.job_id] = outcome
+        outcomes.append(outcome)
+    return outcomes
 
-    def __init__(self, engine: Engine, settings: Settings, lease: Lease) -> None:
-        super().__init__(name="delivery", daemon=True)
+
+class DestinationSender(threading.Thread):
+    """Sends one destination's deliveries whenever woken or every
+    ``delivery.poll_interval_s``.
+
+    Parameters
+    ----------
+    engine, settings, lease
+        The database, the configuration and this process's identity (deliveries being
+        sent are leased to it).
+    dest
+        The destination this thread serves alone.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, lease: Lease,
+                 dest: Destination) -> None:
+        super().__init__(name=f"delivery-{dest.name}", daemon=True)
         self.engine = engine
         self.settings = settings
+        self.config = settings.delivery
         self.lease = lease
+        self.dest = dest
+        self.peer = destination_peer(settings, dest)
         self.wake = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                deliver_once(self.engine, self.settings, self.lease)
+                busy = self.round(utcnow())
             except Exception:  # a database outage must not kill deliveries
-                log.exception("delivery round failed; retrying")
-            self.wake.wait(self.settings.delivery.poll_interval_s)
-            self.wake.clear()
+                log.exception("delivery round for %s failed; retrying", self.dest.name)
+                busy = False
+            if not busy:
+                self.wake.wait(self.config.poll_interval_s)
+                self.wake.clear()
 
     def stop(self) -> None:
         self._stop_event.set()
         self.wake.set()
-        if self.is_alive():
-            self.join(timeout=30)
+
+    def round(self, now: datetime) -> bool:
+        """One round; True if it sent something (another may be due at once)."""
+        outbox.expire(self.engine, self.config, self.dest.name, now)
+        circuit = breaker.read(self.engine, self.dest.name)
+        if not circuit.closed:
+            if breaker.claim_probe(self.engine, self.dest.name, now, self._probe_hold_s):
+                return self._probe(now)
+            return False
+        items = outbox.claim_due(self.engine, self.dest.name, self._data_dir, now, self.lease)
+        if items:
+            self._send(items)
+        return bool(items)
+
+    @property
+    def _data_dir(self) -> Path:
+        return self.settings.storage.data_dir
+
+    @property
+    def _probe_hold_s(self) -> float:
+        # Long enough for the probe to connect and send; if this process dies meanwhile
+        # another probes once it has passed.
+        return self.settings.jobs.lease_s + 2 * self.config.connect_timeout_s
+
+    def _send(self, items: list[Due]) -> bool:
+        """Send and record; True if the destination answered."""
+        sent = send_round(items, self.peer)
+        now = utcnow()
+        outbox.record_outcomes(self.engine, self.config, sent.outcomes, False, now)
+        if sent.reached is not None:
+            self._record_circuit(None if sent.reached else sent.error, now)
+        return bool(sent.reached)
+
+    def _probe(self, now: datetime) -> bool:
+        """The open circuit's one try: the oldest pending delivery, or a C-ECHO."""
+        items = outbox.claim_due(self.engine, self.dest.name, self._data_dir, now,
+                                 self.lease, probe=True)
+        log.info("probing destination %s with %s", self.dest.name,
+                 f"delivery {items[0].delivery_id}" if items else "a C-ECHO")
+        if items:
+            return self._send(items)
+        try:
+            status = echo(self.peer)
+            failure = None if status == 0 else f"C-ECHO status 0x{status:04X}"
+        except (ConnectionError, OSError) as exc:
+            failure = str(exc)
+        self._record_circuit(failure, utcnow())
+        return failure is None
+
+    def _record_circuit(self, failure: str | None, now: datetime) -> None:
+        if failure is None:
+            if breaker.record_success(self.engine, self.dest.name, now):
+                self.wake.set()  # the backlog is due
+        else:
+            breaker.record_failure(self.engine, self.config, self.dest.name, failure, now)
+
+
+class _WakeAll:
+    """``wake.set()`` wakes every sender (a job ended; work was taken over)."""
+
+    def __init__(self, senders: list[DestinationSender]) -> None:
+        self._senders = senders
+
+    def set(self) -> None:
+        for sender in self._senders:
+            sender.wake.set()
+
+
+class Outbox:
+    """The senders of every configured destination, started and stopped together.
+
+    Parameters
+    ----------
+    engine, settings, lease
+        As for :class:`DestinationSender`.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, lease: Lease) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.senders = [DestinationSender(engine, settings, lease, dest)
+                        for dest in settings.destinations]
+        self.wake = _WakeAll(self.senders)
+
+    def start(self) -> None:
+        now = utcnow()
+        breaker.ensure(self.engine, [dest.name for dest in self.settings.destinations], now)
+        self._report_unconfigured()
+        for sender in self.senders:
+            sender.start()
+
+    def stop(self) -> None:
+        for sender in self.senders:
+            sender.stop()
+        for sender in self.senders:
+            if sender.is_alive():
+                sender.join(timeout=30)
+
+    def _report_unconfigured(self) -> None:
+        """Deliveries to a destination no longer configured wait (nothing sends them);
+        they are not dropped: say so, and how to act."""
+        names = {dest.name for dest in self.settings.destinations}
+        waiting = (DeliveryStatus.PENDING.value, DeliveryStatus.AWAITING_COMMITMENT.value)
+        with self.engine.connect() as conn:
+            others = sorted(set(conn.execute(
+                select(_deliveries.c.destination).where(_deliveries.c.status.in_(waiting))
+                .where(_deliveries.c.destination.not_in(names) if names else true())
+            ).scalars()))
+        for name in others:
+            log.warning("deliveries to %r wait, but no destination of that name is "
+                        "configured: configure it again, or see 'pacsnode deliveries "
+                        "--destination %s'", name, name)
