@@ -193,6 +193,7 @@ class Node:
         from node.ingest.index import InstanceIndex
         from node.ingest.ingestor import Ingestor
         from node.ingest.storage import InstanceStore
+        from node.workflow.commitment import CommitmentReports
 
         settings = self.settings
         check_pipelines(settings)
@@ -220,7 +221,8 @@ class Node:
         self.ingestor = ingestor
         on_stable = self._start_workflow(engine, lease)
         self._start_heartbeat(engine, lease, audit, index, store)
-        scp = self.scp = StorageSCP(settings.node, ingestor, audit, policy)
+        scp = self.scp = StorageSCP(settings.node, ingestor, audit, policy,
+                                    commitments=CommitmentReports(engine, settings.delivery))
         self._stops.append(scp.stop)  # also when only one of the two listeners started
         try:
             _host, self.port = scp.start()

@@ -196,6 +196,10 @@ class Destination(_Section):
     tls: PeerTLS | None = Field(
         None, description="send over DICOM TLS, verifying the peer's certificate"
     )
+    storage_commitment: bool = Field(
+        False, description="a result counts as delivered only once the PACS confirms it "
+        "(Storage Commitment Push Model; its report comes back to node.port)"
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

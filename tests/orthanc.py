@@ -109,6 +109,12 @@ class Orthanc:
             counts[modality] = counts.get(modality, 0) + len(series["Instances"])
         return counts
 
+    def delete(self, path: str) -> None:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                         method="DELETE")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+
     def download(self, instance_id: str) -> bytes:
         return self._request(f"/instances/{instance_id}/file")
 

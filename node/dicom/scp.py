@@ -1,4 +1,4 @@
-"""The DICOM listener: C-ECHO and C-STORE over pynetdicom.
+"""The DICOM listener: C-ECHO, C-STORE and Storage Commitment reports over pynetdicom.
 
 Handlers are thin: they translate pynetdicom events into calls on the
 :class:`~node.ingest.ingestor.Ingestor` and the :class:`~node.ingest.associations.AssociationLog`.
@@ -10,12 +10,16 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -60,6 +64,10 @@ def make_ae(config: NodeConfig) -> AE:
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    # A PACS sends its Storage Commitment report (N-EVENT-REPORT) on an association of
+    # its own, proposing the SCP role for itself (PS3.4 J.3.3): accept whichever roles
+    # it proposes.
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     return ae
 
 
@@ -67,15 +75,25 @@ class ListenError(OSError):
     """A listener's port cannot be bound; the message names the key to change."""
 
 
+#: Records a Storage Commitment report: (event type, event information, the reporting
+#: AE title) -> the N-EVENT-REPORT status to answer.
+CommitmentHandler = Callable[[int, Dataset, str], int]
+
+
 class StorageSCP:
-    """Binds the event handlers and runs the listener in background threads."""
+    """Binds the event handlers and runs the listener in background threads.
+
+    ``commitments`` records the Storage Commitment reports PACS send back
+    (:class:`node.workflow.commitment.CommitmentReports`); without it they are refused.
+    """
 
     def __init__(self, config: NodeConfig, ingestor: Ingestor, audit: AssociationLog,
-                 policy: CallingAEPolicy) -> None:
+                 policy: CallingAEPolicy, commitments: CommitmentHandler | None = None) -> None:
         self.config = config
         self.ingestor = ingestor
         self.audit = audit
         self.policy = policy
+        self.commitments = commitments
         self.ae = make_ae(config)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: TLSAssociationServer | None = None
@@ -91,6 +109,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
 
     def start(self) -> tuple[str, int]:
@@ -263,6 +282,15 @@ class StorageSCP:
     @staticmethod
     def _on_echo(event: evt.Event) -> int:
         return 0x0000
+
+    def _on_event_report(self, event: evt.Event) -> tuple[int, None]:
+        """A Storage Commitment report; recorded by ``commitments``. 0x0112 (no such
+        SOP instance) for an event of another SOP class, or without ``commitments``."""
+        request = event.request
+        if self.commitments is None or request.AffectedSOPClassUID != StorageCommitmentPushModel:
+            return 0x0112, None
+        return self.commitments(int(request.EventTypeID), event.event_information,
+                                str(event.assoc.requestor.ae_title).strip()), None
 
     def _on_store(self, event: evt.Event) -> Dataset:
         """C-STOREs that pynetdicom delivers (those the direct path passed on)."""

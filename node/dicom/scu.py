@@ -1,4 +1,5 @@
-"""DICOM client side: C-ECHO and C-STORE of files to a peer (a PACS, or this node).
+"""DICOM client side: C-ECHO, C-STORE of files, and Storage Commitment requests to a
+peer (a PACS, or this node).
 
 Files are sent as they are on disk (pynetdicom reads the encoded dataset without
 decoding it), so the receiver gets the same bytes in the same transfer syntax.
@@ -17,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+    Verification,
+)
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -334,3 +340,73 @@ def store_association(items: list[_Item], peer: Peer) -> Iterator[StoreAssociati
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+#: A Storage Commitment report that arrives on our own association: (event type,
+#: event information, the reporting AE title) -> the N-EVENT-REPORT status to answer.
+ReportHandler = Callable[[int, Dataset, str], int]
+
+
+class CommitmentRefused(Exception):
+    """The peer was reached but did not take the Storage Commitment request."""
+
+
+def request_commitment(peer: Peer, transaction_uid: str, references: list[tuple[str, str]],
+                       on_report: ReportHandler | None = None) -> None:
+    """Ask ``peer`` to commit to storing the instances ``(SOP class, SOP instance UID)``
+    (N-ACTION-RQ, Storage Commitment Push Model, action type 1).
+
+    The answer comes later as an N-EVENT-REPORT: most PACS open a new association to
+    our listener for it; one sent on this association while it is open goes to
+    ``on_report``.
+
+    Raises
+    ------
+    ConnectionError
+        The peer cannot be reached or refused the association.
+    CommitmentRefused
+        It does not support the SOP class, did not answer, or refused the request.
+    """
+    ae = _client_ae(peer)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    handlers = [(evt.EVT_N_EVENT_REPORT, _report_handler(on_report))] if on_report else []
+    assoc, context = peer.associate(ae, handlers)
+    if not assoc.is_established:
+        raise ConnectionError(_refusal(peer, assoc, context))
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    try:
+        if not any(cx.abstract_syntax == StorageCommitmentPushModel
+                   for cx in assoc.accepted_contexts):
+            raise CommitmentRefused(f"{where} does not accept Storage Commitment Push Model")
+        status, _reply = assoc.send_n_action(
+            _commitment_request(transaction_uid, references), 1,
+            StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status:
+        raise CommitmentRefused(f"no answer to the Storage Commitment request from {where}")
+    code = int(status.Status)
+    if code_to_category(code) not in (STATUS_SUCCESS, STATUS_WARNING):
+        raise CommitmentRefused(f"Storage Commitment request refused by {where}: "
+                                f"status 0x{code:04X}")
+
+
+def _commitment_request(transaction_uid: str, references: list[tuple[str, str]]) -> Dataset:
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    items = []
+    for sop_class, sop_instance in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    request.ReferencedSOPSequence = items
+    return request
+
+
+def _report_handler(on_report: ReportHandler) -> Callable[[Any], tuple[int, None]]:
+    def handle(event: Any) -> tuple[int, None]:
+        return on_report(int(event.request.EventTypeID), event.event_information,
+                         str(event.assoc.acceptor.ae_title).strip()), None
+    return handle

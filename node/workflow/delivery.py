@@ -25,14 +25,16 @@ from sqlalchemy import Engine, Table, select, true
 from db.tables import Delivery, DeliveryStatus, utcnow
 from node.config import Destination, Settings
 from node.dicom.scu import (
+    CommitmentRefused,
     Peer,
     echo,
     inspect_file,
+    request_commitment,
     store_association,
 )
 from node.dicom.tls import ClientTLS
 from node.leases import Lease, expired
-from node.workflow import breaker, outbox
+from node.workflow import breaker, commitment, outbox
 from node.workflow.outbox import Due, Outcome
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,8 @@ class DestinationSender(threading.Thread):
         items = outbox.claim_due(self.engine, self.dest.name, self._data_dir, now, self.lease)
         if items:
             self._send(items)
-        return bool(items)
+        asked = self._ask_commitment() if self.dest.storage_commitment else False
+        return bool(items) or asked
 
     @property
     def _data_dir(self) -> Path:
@@ -174,7 +177,8 @@ class DestinationSender(threading.Thread):
         """Send and record; True if the destination answered."""
         sent = send_round(items, self.peer)
         now = utcnow()
-        outbox.record_outcomes(self.engine, self.config, sent.outcomes, False, now)
+        outbox.record_outcomes(self.engine, self.config, sent.outcomes,
+                               self.dest.storage_commitment, now)
         if sent.reached is not None:
             self._record_circuit(None if sent.reached else sent.error, now)
         return bool(sent.reached)
@@ -201,6 +205,28 @@ class DestinationSender(threading.Thread):
                 self.wake.set()  # the backlog is due
         else:
             breaker.record_failure(self.engine, self.config, self.dest.name, failure, now)
+
+    def _ask_commitment(self) -> bool:
+        """Ask the PACS to commit to what it stored and is not yet confirmed."""
+        now = utcnow()
+        request = commitment.claim_unconfirmed(self.engine, self.config, self.dest.name, now)
+        if request is None:
+            return False
+        reports = commitment.CommitmentReports(self.engine, self.config)
+        try:
+            request_commitment(self.peer, request.transaction_uid, request.references,
+                               on_report=reports)
+        except (ConnectionError, CommitmentRefused) as exc:
+            commitment.record_request_failure(self.engine, self.config, request, str(exc),
+                                              utcnow())
+            # Only an unreachable PACS counts against its circuit; one that answers,
+            # even with a refusal, is up.
+            self._record_circuit(str(exc) if isinstance(exc, ConnectionError) else None,
+                                 utcnow())
+            return False
+        log.info("asked %s to commit to %s instances (transaction %s)", self.dest.name,
+                 len(request.references), request.transaction_uid)
+        return True
 
 
 class _WakeAll:
