@@ -26,7 +26,15 @@ from sqlalchemy import Engine, Table, select, update
 
 from db.tables import Delivery, DeliveryStatus, Result, utcnow
 from node.config import DeliveryConfig
-from node.workflow.outbox import AWAITING, BATCH, PENDING, backoff_s, fail, record_event
+from node.workflow.outbox import (
+    AWAITING,
+    BATCH,
+    PENDING,
+    backoff_s,
+    fail,
+    jitter,
+    record_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +101,14 @@ def record_request_failure(engine: Engine, config: DeliveryConfig, request: Requ
                            error: str, now: datetime) -> None:
     """The request did not go through: asked again after a backoff (the count of
     requests made so far is the delivery's count of failures)."""
+    spread = jitter(config)
     with engine.begin() as conn:
         rows = conn.execute(
             select(_deliveries.c.id, _deliveries.c.commitment_requests)
             .where(_deliveries.c.commitment_uid == request.transaction_uid)
             .where(_deliveries.c.status == AWAITING)).all()
         for row in rows:
-            delay = backoff_s(config, row.commitment_requests)
+            delay = backoff_s(config, row.commitment_requests, spread)
             conn.execute(update(_deliveries).where(_deliveries.c.id == row.id).values(
                 commitment_uid=None, last_error=error,
                 next_attempt_at=now + timedelta(seconds=delay)))
@@ -136,6 +145,7 @@ def record_report(engine: Engine, config: DeliveryConfig, report: Report, report
                   now: datetime) -> tuple[int, int]:
     """Apply a report to the deliveries of its transaction; (committed, failed)."""
     committed = failed = 0
+    spread = jitter(config)
     with engine.begin() as conn:
         rows = conn.execute(
             select(_deliveries.c.id, _deliveries.c.attempts, _deliveries.c.queued_at,
@@ -155,7 +165,7 @@ def record_report(engine: Engine, config: DeliveryConfig, report: Report, report
             elif row.sop_instance_uid in report.failed:
                 error = (f"Storage Commitment failed at {reporter}: "
                          f"{_reason(report.failed[row.sop_instance_uid])}")
-                _send_again(conn, config, row, error, now)
+                _send_again(conn, config, row, error, spread, now)
                 failed += 1
     if not rows:
         log.warning("Storage Commitment report from %s for transaction %s: no delivery "
@@ -164,12 +174,13 @@ def record_report(engine: Engine, config: DeliveryConfig, report: Report, report
     return committed, failed
 
 
-def _send_again(conn: Any, config: DeliveryConfig, row: Any, error: str, now: datetime) -> None:
+def _send_again(conn: Any, config: DeliveryConfig, row: Any, error: str, spread: float,
+                now: datetime) -> None:
     """The PACS does not hold it: the same file goes again (or, too old, fails)."""
     if now >= row.queued_at + timedelta(hours=config.max_age_h):
         fail(conn, row.id, AWAITING, f"{error}; not delivered within delivery.max_age_h", now)
         return
-    delay = backoff_s(config, row.attempts)
+    delay = backoff_s(config, row.attempts, spread)
     log.warning("delivery %s: %s; sending it again in %.0f s", row.id, error, delay)
     conn.execute(update(_deliveries).where(_deliveries.c.id == row.id).values(
         status=PENDING, last_error=error, commitment_uid=None,

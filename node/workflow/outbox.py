@@ -55,14 +55,19 @@ class Due:
     path: Path
 
 
-def backoff_s(config: DeliveryConfig, failures: int, rng: random.Random | None = None) -> float:
+def jitter(config: DeliveryConfig) -> float:
+    """A random factor in 1 +- ``delivery.retry_jitter``: senders (destinations, nodes)
+    that failed together spread out rather than retry together."""
+    return random.uniform(1 - config.retry_jitter, 1 + config.retry_jitter)
+
+
+def backoff_s(config: DeliveryConfig, failures: int, spread: float | None = None) -> float:
     """Delay after ``failures`` failed tries in a row: doubling from
-    ``delivery.retry_initial_s``, scaled by a random factor in 1 +- ``retry_jitter``
-    (so destinations and nodes that failed together spread out), within
-    ``[retry_initial_s, retry_max_s]``."""
+    ``delivery.retry_initial_s``, scaled by ``spread`` (default: a fresh
+    :func:`jitter`), within ``[retry_initial_s, retry_max_s]``."""
     nominal = config.retry_initial_s * 2 ** min(max(failures - 1, 0), 60)
-    spread = (rng or random).uniform(1 - config.retry_jitter, 1 + config.retry_jitter)
-    return max(config.retry_initial_s, min(config.retry_max_s, nominal * spread))
+    factor = jitter(config) if spread is None else spread
+    return max(config.retry_initial_s, min(config.retry_max_s, nominal * factor))
 
 
 def record_event(conn: Connection, delivery_id: int, from_status: str | None,
@@ -136,6 +141,8 @@ def record_outcomes(engine: Engine, config: DeliveryConfig, outcomes: list[Outco
     """Each claimed delivery leaves ``sending``: stored (``sent``, or
     ``awaiting_commitment``), held back (``pending`` as it was), retried later
     (``pending`` with backoff) or ``failed`` once it is ``delivery.max_age_h`` old."""
+    # One jitter per round: a SEG and its SR that failed together stay together.
+    spread = jitter(config)
     with engine.begin() as conn:
         for outcome in outcomes:
             due = outcome.due
@@ -146,7 +153,7 @@ def record_outcomes(engine: Engine, config: DeliveryConfig, outcomes: list[Outco
             elif now >= due.queued_at + timedelta(hours=config.max_age_h):
                 fail(conn, due.delivery_id, SENDING, _given_up(config, due, outcome.error), now)
             else:
-                _retry_later(conn, config, due, outcome.error, now)
+                _retry_later(conn, config, due, outcome.error, spread, now)
 
 
 def _stored(conn: Connection, due: Due, commitment: bool, now: datetime) -> None:
@@ -168,8 +175,8 @@ def _held(conn: Connection, due: Due, held_by: int, error: str, now: datetime) -
 
 
 def _retry_later(conn: Connection, config: DeliveryConfig, due: Due, error: str,
-                 now: datetime) -> None:
-    delay = backoff_s(config, due.attempts)
+                 spread: float, now: datetime) -> None:
+    delay = backoff_s(config, due.attempts, spread)
     log.warning("delivery %s to %s failed (attempt %s), retrying in %.0f s: %s",
                 due.delivery_id, due.destination, due.attempts, delay, error)
     conn.execute(update(_deliveries).where(_deliveries.c.id == due.delivery_id).values(
