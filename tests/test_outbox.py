@@ -233,3 +233,30 @@ def test_a_crash_between_send_and_record_resends_the_same_instance(
     by_id = sorted(found, key=lambda d: d["id"])
     assert [d["attempts"] for d in by_id] == [2, 2]
     assert any("sending the same file again" in e["reason"] for e in by_id[0]["events"])
+
+
+def test_a_pacs_that_refuses_the_seg_is_up_and_the_sr_waits(make_node: Any,
+                                                          tmp_path: Path) -> None:
+    """A PACS that takes no SEG answers all the same: its circuit stays closed, the SEG
+    backs off alone with the reason, and its SR is never sent before it."""
+    require_tool("storescu")
+    ae = AE("ORTHANC")
+    ae.supported_contexts = [cx for cx in AllStoragePresentationContexts
+                             if cx.abstract_syntax != "1.2.840.10008.5.1.4.1.1.66.4"]
+    stored: list[str] = []
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: stored.append(event.dataset.Modality) or 0x0000)])
+    try:
+        node = outbox_node(make_node, [destination("no-seg", server.server_address[1])],
+                           PACSNODE__DELIVERY__BREAKER_FAILURES="2")
+        study = send_study(node, tmp_path / "ct")
+        seg = wait_until(lambda: (d := [x for x in of_study(node, study) if x["kind"] == "seg"])
+                         and d[0]["attempts"] >= 3 and d[0], 60,
+                         f"the SEG tried again\n{node.log()[-3000:]}")
+        sr = next(x for x in of_study(node, study) if x["kind"] == "sr")
+    finally:
+        server.shutdown()
+    assert "accepted no presentation context for SOP class 1.2.840.10008.5.1.4.1.1.66.4" \
+        in seg["last_error"] and seg["status"] in ("pending", "sending")
+    assert sr["status"] == "pending" and sr["attempts"] == 0 and stored == []
+    assert circuit(node, "no-seg")["state"] == "closed"

@@ -311,6 +311,13 @@ class StoreAssociation:
         """C-STORE one file as it is on disk; (stored, the reason if not)."""
         if not self.established:
             return False, "association ended by the peer"
+        if not any(cx.abstract_syntax == item.sop_class_uid
+                   and cx.transfer_syntax[0] == item.transfer_syntax
+                   for cx in self._assoc.accepted_contexts):
+            # The peer answered, in the negotiation: it takes no such instance.
+            self.answered += 1
+            return False, (f"the peer accepted no presentation context for SOP class "
+                           f"{item.sop_class_uid} in transfer syntax {item.transfer_syntax}")
         ok, reason, answered = _store_answer(self._assoc, item)
         self.answered += answered
         return ok, reason
