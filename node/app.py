@@ -11,8 +11,8 @@ way::
 The services, in the order of the data (the README's diagram): the DICOM listener
 (:mod:`node.dicom.scp`) hands each C-STORE to the ingestor (:mod:`node.ingest`), the
 stability monitor marks quiet studies stable, the job runner routes their series and
-runs jobs on the executor's workers (:mod:`node.workflow`), and the delivery worker
-sends the results. The receiving process never imports TensorFlow: models load, and
+runs jobs on the executor's workers (:mod:`node.workflow`), and the outbox sends the
+results (a sender per destination). The receiving process never imports TensorFlow: models load, and
 configured models are checked against their cards, in the analysis workers.
 """
 
