@@ -86,7 +86,7 @@ def record_success(engine: Engine, name: str, now: datetime) -> bool:
     is due at once. Returns whether the circuit was open."""
     with engine.begin() as conn:
         was = conn.execute(select(_states.c.state, _states.c.consecutive_failures)
-                           .where(_states.c.name == name)).one()
+                           .where(_states.c.name == name).with_for_update()).one()
         if was.state == CLOSED and was.consecutive_failures == 0:
             return False
         conn.execute(update(_states).where(_states.c.name == name).values(
@@ -108,7 +108,9 @@ def record_failure(engine: Engine, config: DeliveryConfig, name: str, error: str
     """A failed round: one more failure in a row; at ``delivery.breaker_failures`` the
     circuit opens (again) with its next probe after a backoff."""
     with engine.begin() as conn:
-        row = conn.execute(select(_states).where(_states.c.name == name)).one()
+        # Under the row's lock: two processes failing at once count two failures.
+        row = conn.execute(select(_states).where(_states.c.name == name)
+                           .with_for_update()).one()
         failures = row.consecutive_failures + 1
         values: dict[str, object] = {"consecutive_failures": failures,
                                      "last_error": error, "updated_at": now}
