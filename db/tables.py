@@ -136,10 +136,14 @@ class AssociationRecord(Base):
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     peer_certificate: Mapped[str | None] = mapped_column(String(255))
 
+    __table_args__ = (Index("ix_associations_started", "started_at"),
+                      Index("ix_associations_calling", "calling_ae"))
+
 
 class Patient(Base):
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient"),)
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient"),
+                      Index("ix_patients_name", "patient_name"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Empty string, not NULL, for an absent ID: NULLs never collide in a unique key.
@@ -173,7 +177,12 @@ class Study(Base):
         back_populates="study", order_by="StudyEvent.id"
     )
 
-    __table_args__ = (Index("ix_studies_status_last", "status", "last_received_at"),)
+    # The status index serves the stability monitor; the others the web search
+    # (newest first, by study date, by accession number) on large catalogues.
+    __table_args__ = (Index("ix_studies_status_last", "status", "last_received_at"),
+                      Index("ix_studies_received", "received_at", "id"),
+                      Index("ix_studies_study_date", "study_date"),
+                      Index("ix_studies_accession", "accession_number"))
 
 
 class StudyEvent(Base):
@@ -263,7 +272,8 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(36))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_jobs_status", "status", "id"),)
+    __table_args__ = (Index("ix_jobs_status", "status", "id"),
+                      Index("ix_jobs_finished", "finished_at"))
 
 
 class Result(Base):
@@ -333,6 +343,8 @@ class Delivery(Base):
     __table_args__ = (
         Index("ix_deliveries_due", "status", "next_attempt_at"),
         Index("ix_deliveries_destination_due", "destination", "status", "next_attempt_at"),
+        Index("ix_deliveries_destination", "destination", "status"),
+        Index("ix_deliveries_sent", "sent_at"),
     )
 
 
@@ -372,3 +384,74 @@ class DestinationState(Base):
     next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class User(Base):
+    """A person who may use the web application, with one role.
+
+    ``admin`` may do everything, ``auditor`` reads everything including the access log
+    and downloads results, ``viewer`` reads studies and results only.
+    """
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    #: argon2id (argon2-cffi's encoded form, parameters included).
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Consecutive failed logins, and until when the account is locked because of them.
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiToken(Base):
+    """A Bearer token of a user (``pacsnode token create``); only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebSession(Base):
+    """A logged-in browser: the SHA-256 of its cookie, its CSRF token, its lifetime."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AccessEvent(Base):
+    """One action of a user of the web application or API, for the access log: who,
+    when, from where, what, and which patient and study it touched."""
+
+    __tablename__ = "access_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    #: The user's name as it was then (kept when the user is removed); '' if unknown.
+    username: Mapped[str] = mapped_column(String(64), default="", index=True)
+    client: Mapped[str] = mapped_column(String(255), default="")
+    #: login, login_failed, logout, view_study, search, download, resend, rerun,
+    #: user_add, user_remove, user_passwd, token_create, denied.
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")

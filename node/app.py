@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from node import __version__, leases
+from node.audit import atna
 from node.config import Settings
 
 log = logging.getLogger("pacsnode")
@@ -100,6 +101,8 @@ class Node:
         a free one).
     tls_port
         The DICOM TLS listener's port, once started; ``None`` without ``node.tls``.
+    web_port
+        The web server's port, once started; ``None`` with ``web.enabled: false``.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -109,6 +112,7 @@ class Node:
         self._stops: list[Callable[[], None]] = []
         self.port: int | None = None
         self.tls_port: int | None = None
+        self.web_port: int | None = None
         self.scp: Any = None
         self.ingestor: Any = None
         self.lease: Any = None
@@ -203,6 +207,8 @@ class Node:
         engine = self.engine = open_database(settings)
         self._stops.append(engine.dispose)
         prepare_database(engine)
+        atna.start(settings, engine, "serve")  # Application Start; Stop when stopped
+        self._stops.append(atna.stop)
         lease = self.lease = leases.register(engine, settings.jobs.lease_s, __version__)
         # On a clean stop what we still hold is released, so the next process (or another
         # one already running) takes it at once rather than after the lease.
@@ -232,6 +238,21 @@ class Node:
         log.log(logging.WARNING if policy.loopback_only and not _loopback(settings.node.host)
                 else logging.INFO, "security: %s", policy.describe())
         self._start_monitor(engine, on_stable)
+        self._start_web(engine)
+
+    def _start_web(self, engine: Engine) -> None:
+        """The dashboard, API and operations endpoints, in their own thread."""
+        if not self.settings.web.enabled:
+            return
+        from node.web.server import WebServer
+
+        web = WebServer(self.settings, engine,
+                        lambda: sorted({p for p in (self.port, self.tls_port) if p}))
+        try:
+            self.web_port = web.start()
+        except OSError as exc:
+            raise StartError(str(exc)) from None
+        self._stops.append(web.stop)
 
     def _start_workflow(self, engine: Engine, lease: Any) -> Callable[[Any], None]:
         """Check the models in a worker, start the job runner and the outbox (a sender per

@@ -1,10 +1,13 @@
-"""What the node holds, as plain data for the CLI (and later the REST API)."""
+"""What the node holds, as plain data for the CLI, the web pages and the REST API
+(one shape for all three, so scripts move from ``pacsnode studies --json`` to
+``/api/studies`` unchanged)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -109,6 +112,19 @@ def _results_summary(conn: Any, study_ids: list[int]) -> dict[int, dict[str, Any
     return summary
 
 
+def _shaped(conn: Any, pairs: Any) -> list[dict[str, Any]]:
+    """(Study, Patient) rows as ``studies --json`` prints them."""
+    ids = [study.id for study, _ in pairs]
+    series = _series_rows(conn, ids)
+    results = _results_summary(conn, ids)
+    studies = []
+    for study, patient in pairs:
+        item = _study_dict(study, patient, series.get(study.id, []))
+        item["results"] = results[study.id]
+        studies.append(item)
+    return studies
+
+
 def list_studies(engine: Engine) -> list[dict[str, Any]]:
     """Every study, newest first, with its series, instance counts and results."""
     with read_session(engine) as conn:
@@ -117,15 +133,70 @@ def list_studies(engine: Engine) -> list[dict[str, Any]]:
             .join(Patient, Study.patient_fk == Patient.id)
             .order_by(Study.received_at.desc(), Study.id.desc())
         ).all()
-        ids = [study.id for study, _ in pairs]
-        series = _series_rows(conn, ids)
-        results = _results_summary(conn, ids)
-    studies = []
-    for study, patient in pairs:
-        item = _study_dict(study, patient, series.get(study.id, []))
-        item["results"] = results[study.id]
-        studies.append(item)
-    return studies
+        return _shaped(conn, pairs)
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """What the studies search matches; unset (empty) fields match anything.
+
+    ``patient_id`` and ``accession_number`` match exactly, ``patient_name`` by prefix
+    ignoring case (``doe`` finds ``DOE^JOHN``), ``date_from``/``date_to`` the Study
+    Date inclusively (YYYYMMDD), ``calling_ae`` the AE title of any association that
+    sent an instance of the study.
+    """
+
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    date_from: str = ""
+    date_to: str = ""
+    status: str = ""
+    calling_ae: str = ""
+
+    def where(self) -> list[Any]:
+        clauses: list[Any] = []
+        if self.patient_id:
+            clauses.append(Patient.patient_id == self.patient_id)
+        if self.patient_name:
+            pattern = self.patient_name.replace("\\", "").replace("%", "").replace("_", "")
+            clauses.append(func.lower(Patient.patient_name).like(pattern.lower() + "%"))
+        if self.accession_number:
+            clauses.append(Study.accession_number == self.accession_number)
+        if self.date_from:
+            clauses.append(Study.study_date >= self.date_from)
+        if self.date_to:
+            clauses.append(Study.study_date <= self.date_to)
+        if self.status:
+            clauses.append(Study.status == self.status)
+        if self.calling_ae:
+            # Through the associations' index: the studies one sender delivered.
+            clauses.append(Study.id.in_(
+                select(Series.study_fk).join(Instance, Instance.series_fk == Series.id)
+                .join(AssociationRecord, AssociationRecord.id == Instance.association_fk)
+                .where(AssociationRecord.calling_ae == self.calling_ae)))
+        return clauses
+
+
+def search_studies(engine: Engine, where: StudyFilter, page: int = 1,
+                   page_size: int = 50) -> dict[str, Any]:
+    """One page of the studies matching ``where``, newest first, shaped like
+    :func:`list_studies`, with ``total`` matches, ``page`` and ``page_size``."""
+    page = max(page, 1)
+    clauses = where.where()
+    with read_session(engine) as conn:
+        total = conn.execute(
+            select(func.count()).select_from(Study)
+            .join(Patient, Study.patient_fk == Patient.id).where(*clauses)
+        ).scalar_one()
+        pairs = conn.execute(
+            select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+            .where(*clauses)
+            .order_by(Study.received_at.desc(), Study.id.desc())
+            .limit(page_size).offset((page - 1) * page_size)
+        ).all()
+        studies = _shaped(conn, pairs)
+    return {"studies": studies, "total": int(total), "page": page, "page_size": page_size}
 
 
 def _deliveries(conn: Any, result_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
@@ -151,6 +222,7 @@ def _jobs_by_series(conn: Any, study_id: int) -> dict[int, list[dict[str, Any]]]
     by_job: dict[int, list[dict[str, Any]]] = {}
     for result in results:
         by_job.setdefault(result.job_fk, []).append({
+            "result_id": result.id,
             "kind": result.kind,
             "sop_class_uid": result.sop_class_uid,
             "sop_instance_uid": result.sop_instance_uid,

@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     upgrade = db_commands.add_parser("upgrade", parents=[common], help="apply migrations")
     upgrade.set_defaults(func=cmd_db_upgrade)
+
+    from node.cli_web import add_commands
+
+    add_commands(commands, common)
     return parser
 
 
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.logging.level != "DEBUG":
             logging.getLogger("alembic").setLevel(logging.WARNING)
             # pynetdicom logs every PDU at INFO; client commands report failures themselves.
-            quiet = logging.WARNING if args.command == "serve" else logging.CRITICAL
+            quiet = logging.WARNING if args.command in ("serve", "web") else logging.CRITICAL
             logging.getLogger("pynetdicom").setLevel(quiet)
         return int(args.func(settings, args))
     except ConfigError as exc:

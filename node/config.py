@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from analysis.types import DEFAULT_FINAL_MASK
+from node.config_web import AuditConfig, WebConfig
 
 CONFIG_ENV = "PACSNODE_CONFIG"
 ENV_PREFIX = "PACSNODE__"
@@ -423,13 +424,6 @@ class DeliveryConfig(_Section):
         return self
 
 
-class WebConfig(_Section):
-    """The HTTP dashboard and REST API (later issues)."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-
-
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -465,6 +459,7 @@ class Settings(BaseSettings):
     jobs: JobsConfig = JobsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     web: WebConfig = WebConfig()
+    audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

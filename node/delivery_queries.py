@@ -34,6 +34,7 @@ def delivery_dict(item: Delivery, circuit: str | None = None) -> dict[str, Any]:
     """One delivery's state (without its study and result)."""
     return {
         "id": item.id,
+        "delivery_id": item.id,  # the name the web API and study --json readers use
         "destination": item.destination,
         "status": item.status,
         "attempts": item.attempts,

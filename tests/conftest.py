@@ -97,6 +97,8 @@ class NodeProcess:
     log_path: Path | None = None
     #: Runs ``pacsnode serve`` under this command (e.g. ``unshare --pid --fork``).
     prefix: list[str] = field(default_factory=list)
+    #: The web application's port (every test node serves it, as ``serve`` does).
+    web_port: int = field(default_factory=lambda: free_port())
 
     @property
     def env(self) -> dict[str, str]:
@@ -114,6 +116,7 @@ class NodeProcess:
                 "PACSNODE__ROUTES": "[]",
                 "PACSNODE__JOBS__POLL_INTERVAL_S": "0.2",
                 "PACSNODE__DELIVERY__POLL_INTERVAL_S": "0.2",
+                "PACSNODE__WEB__PORT": str(self.web_port),
             }
         )
         env.update(self.extra_env)
@@ -130,6 +133,11 @@ class NodeProcess:
             self.stop()
             raise RuntimeError(f"node did not start:\n{self.log()}") from None
         return self
+
+    @property
+    def web_url(self) -> str:
+        scheme = "https" if "PACSNODE__WEB__TLS" in self.extra_env else "http"
+        return f"{scheme}://127.0.0.1:{self.web_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

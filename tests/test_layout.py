@@ -50,6 +50,7 @@ def test_a_serving_process_imports_no_tensorflow_training_or_phantoms(tmp_path: 
         settings = Settings.model_validate({{
             "node": {{"host": "127.0.0.1", "port": {free_port()}}},
             "storage": {{"data_dir": {str(tmp_path / "var")!r}}},
+            "web": {{"port": 0}},
         }})
         assert settings.routes, "the default configuration has a route"
         node = Node(settings)

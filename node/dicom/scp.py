@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.tables import AssociationOutcome
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.audit import atna
 from node.config import NodeConfig
 from node.dicom.access import CallingAEPolicy
 from node.dicom.codec import Command
@@ -256,6 +257,7 @@ class StorageSCP:
         # AE titles and addresses only: no patient data is known, or logged, here.
         log.warning("rejected association from %s (%s): %s", calling,
                     assoc.requestor.address, reason)
+        atna.security_alert_association(calling, assoc.requestor.address, reason)
         row = getattr(assoc, _ASSOC_ID, None)
         setattr(assoc, _ASSOC_ID, None)
         if row is not None:
@@ -273,6 +275,7 @@ class StorageSCP:
             return
         reason = f"TLS handshake failed: {_tls_reason(error)}"
         log.warning("refused connection from %s:%s: %s", address[0], address[1], reason)
+        atna.security_alert_association("", address[0], reason)
         try:
             row = self.audit.open("", "", address[0], address[1], tls=True)
             self.audit.close(row, AssociationOutcome.REJECTED, reason)
@@ -367,6 +370,7 @@ class StorageSCP:
             self.audit.close(row, outcome)
         except SQLAlchemyError:
             log.exception("could not close association record %s", row)
+        atna.instances_received(row, assoc.requestor.ae_title, assoc.requestor.address)
 
 
 def _transport(assoc: Association) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.tables import utcnow
+from node import metrics
 from node.dicom.status import StoreStatus
 from node.ingest.associations import AssociationLog
 from node.ingest.header import (
@@ -128,6 +129,7 @@ class Ingestor:
             )
         if request.association_id is not None and (result.duplicate or result.status.is_failure):
             self._count(request.association_id, result)
+        metrics.stored(result.status.name, time.monotonic() - incoming.began)
         return result
 
     def _store(self, incoming: Incoming) -> StoreResult:
@@ -396,6 +398,7 @@ class Incoming:
         self.writer = writer
         self.refusal = refusal
         self.early: Early | None = None
+        self.began = time.monotonic()  # for the C-STORE time histogram
         self._looking = writer is not None and refusal is None
         # Where the dataset starts in the staging file: after the file meta begin() wrote.
         self.meta_size = writer.size if writer is not None else 0

@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, Table, select, true
 
 from db.tables import Delivery, DeliveryStatus, utcnow
+from node.audit import atna
 from node.config import Destination, Settings
 from node.dicom.scu import (
     CommitmentRefused,
@@ -179,6 +180,8 @@ class DestinationSender(threading.Thread):
         now = utcnow()
         outbox.record_outcomes(self.engine, self.config, sent.outcomes,
                                self.dest.storage_commitment, now)
+        atna.instances_delivered(
+            [o.due.delivery_id for o in sent.outcomes if o.error is None], self.dest)
         if sent.reached is not None:
             self._record_circuit(None if sent.reached else sent.error, now)
         return bool(sent.reached)
