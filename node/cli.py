@@ -16,13 +16,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node import __version__
 from node.app import StartError
+from node.cli_errors import CLIError
 from node.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("pacsnode")
-
-
-class CLIError(Exception):
-    """An error the user can fix; printed without a traceback, exit status 2."""
 
 
 def _engine(settings: Settings) -> Engine:

@@ -49,7 +49,7 @@ def _record(engine: Any, action: str, detail: str) -> None:
 
 
 def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    from node.cli import CLIError
+    from node.cli_errors import CLIError
     from node.web import users
 
     engine = _catalogue(settings)
@@ -81,7 +81,7 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    from node.cli import CLIError
+    from node.cli_errors import CLIError
     from node.web import users
 
     engine = _catalogue(settings)

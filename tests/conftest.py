@@ -129,6 +129,8 @@ class NodeProcess:
                                      stdout=log, stderr=log)
         try:
             wait_for_port(self.port, self.proc)
+            if self.env.get("PACSNODE__WEB__ENABLED", "true") != "false":
+                wait_for_port(self.web_port, self.proc)  # started after the listener
         except Exception:
             self.stop()
             raise RuntimeError(f"node did not start:\n{self.log()}") from None
