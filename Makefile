@@ -18,16 +18,18 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/pacsnode serve
 
-## The real peers the tests and benchmarks use: DCMTK, Orthanc, dicom3tools.
+## The real peers the tests and benchmarks use: DCMTK, Orthanc, dicom3tools, and
+## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; it
+## downloads no browser of its own).
 peers:
 	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
 	    && command -v storescp >/dev/null && command -v Orthanc >/dev/null \
-	    && command -v dciodvfy >/dev/null; then \
-	  echo "peers present: DCMTK, Orthanc, dicom3tools"; \
+	    && command -v dciodvfy >/dev/null && [ -x /usr/bin/chromium ]; then \
+	  echo "peers present: DCMTK, Orthanc, dicom3tools, Chromium"; \
 	else \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    dcmtk orthanc dicom3tools >/dev/null; \
+	    dcmtk orthanc dicom3tools chromium >/dev/null; \
 	fi
 
 test: install peers
