@@ -15,8 +15,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import PACSNODE, require_tool
-from tests.syslog_listener import SyslogListener, check_audit_message, objects, participants
-from tests.web_helpers import add_user, login, logged_in
+from tests.syslog_listener import (
+    SyslogListener,
+    check_audit_message,
+    objects,
+    participants,
+)
+from tests.web_helpers import add_user, logged_in, login
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "deploy" / "tls"
 PATIENT = "PHANTOM-001"  # what tests.conftest.make_series writes
