@@ -45,11 +45,12 @@ def login(url: str, name: str, password: str = PASSWORD, **kwargs: Any
           ) -> tuple[requests.Session, requests.Response]:
     """Log in through the form; returns the session and the final response."""
     session = requests.Session()
-    session.verify = kwargs.pop("verify", False)
-    form = session.get(f"{url}/login", timeout=10)
+    # Per request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+    verify = kwargs.pop("verify", False)
+    form = session.get(f"{url}/login", timeout=10, verify=verify)
     response = session.post(f"{url}/login", data={
         "username": name, "password": password, "csrf_token": csrf_of(form.text),
-        "next": kwargs.get("next", "/")}, timeout=30)
+        "next": kwargs.get("next", "/")}, timeout=30, verify=verify)
     return session, response
 
 
