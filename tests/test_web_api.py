@@ -112,8 +112,9 @@ def test_api_metrics_and_actions(make_node: Any, tmp_path: Path) -> None:
                      ("otto", "download", "ok"), ("vera", "denied", "refused"),
                      ("ada", "resend", "ok"), ("ada", "rerun", "ok")]:
         assert expected in actions, (expected, actions)
-    viewed = next(e for e in log if e["action"] == "view_study" and e["outcome"] == "ok")
-    assert viewed["study_instance_uid"] == study and viewed["patient_id"] == "PHANTOM-001"
+    for action in ("view_study", "download", "rerun", "resend"):
+        event = next(e for e in log if e["action"] == action and e["outcome"] == "ok")
+        assert (event["study_instance_uid"], event["patient_id"]) == (study, "PHANTOM-001")
     docs = requests.get(f"{url}/api/openapi.json", timeout=10).json()
     assert {"/api/studies", "/api/studies/{uid}", "/api/deliveries/{delivery_id}/resend"} \
         <= set(docs["paths"])

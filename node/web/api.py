@@ -144,7 +144,7 @@ def do_rerun(request: Request, who: Principal, uid: str, series: str | None) -> 
                      outcome="refused", study_uid=uid[:64], detail=f"{what}: {exc}")
         raise HTTPException(409, str(exc)) from None
     trail.record(context.engine, "rerun", who.name, client_of(request), study_uid=uid,
-                 detail=f"{what}: jobs {queued}")
+                 patient_id=views.patient_of(context.engine, uid), detail=f"{what}: jobs {queued}")
     return queued
 
 

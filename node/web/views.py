@@ -73,6 +73,13 @@ def view_study(request: Request, who: Principal, uid: str) -> dict[str, Any]:
     return detail
 
 
+def patient_of(engine: Any, study_uid: str) -> str | None:
+    """The Patient ID of a study, for the access log."""
+    from node.audit.lookup import study_object
+
+    return study_object(engine, study_uid).patient_id or None
+
+
 def download(request: Request, who: Principal, study_uid: str, result_id: int,
              audited: bool = True) -> tuple[Path, str]:
     """A result file of a study; a download is recorded (``audited``)."""
@@ -85,6 +92,7 @@ def download(request: Request, who: Principal, study_uid: str, result_id: int,
     if audited:
         client = client_of(request)
         trail.record(context.engine, "download", who.name, client, study_uid=study_uid,
+                     patient_id=patient_of(context.engine, study_uid),
                      detail=f"{kind} {path.name}")
         atna.export(who.name, client, study_uid, f"{kind}:{path.name}")
     return found
