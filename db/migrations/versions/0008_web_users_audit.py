@@ -1,10 +1,8 @@
 """web: users, API tokens, sessions, the access log; indexes for the web search
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-03
-
-(0007 is another branch's; the merge re-points down_revision to it.)
 """
 
 import sqlalchemy as sa
