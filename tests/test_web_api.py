@@ -44,7 +44,7 @@ def _bearer(node: NodeProcess, name: str, role: str) -> dict[str, str]:
 def test_api_metrics_and_actions(make_node: Any, tmp_path: Path) -> None:
     require_tool("storescu")
     (closed_port,) = free_ports(1)
-    node = analysing_node(make_node, ("pacs", closed_port), PACSNODE__DELIVERY__MAX_ATTEMPTS="1")
+    node = analysing_node(make_node, ("pacs", closed_port), PACSNODE__DELIVERY__MAX_AGE_H="0.0005")
     ct = write_ct_series(make_phantom(SPEC), tmp_path / "ct")
     node.storescu(*ct.paths)
     node.storescu(ct.paths[0], called="SOMEONE_ELSE", check=False)

@@ -53,7 +53,7 @@ def test_audit_a_study_in_the_browser(make_node: Any, browser: Any, tmp_path: Pa
     http_port, dicom_port = free_ports(2)
     # The PACS is down at first: the delivery fails for good (one attempt), to be resent.
     node = analysing_node(make_node, ("pacs", dicom_port),
-                          PACSNODE__DELIVERY__MAX_ATTEMPTS="1")
+                          PACSNODE__DELIVERY__MAX_AGE_H="0.0005")
     add_user(node, "otto", "auditor")
     add_user(node, "ada", "admin")
     ct = write_ct_series(make_phantom(SPEC), tmp_path / "ct", patient_id="QA-0042",

@@ -1,37 +1,33 @@
 """What an admin may change from the web: resend deliveries, re-run a series.
 
-Resend puts a delivery back to ``pending``, due now, with its attempts reset, so the
-running node's delivery worker sends it at its next poll (its last error stays until
-then, for the record). A delivery being sent right now is left alone.
-(The ``pacsnode resend`` command of another branch does the same; the two are to be
-one function when they meet.)
+Resend is the outbox's own (:func:`node.workflow.outbox.resend`, as ``pacsnode resend``):
+back to ``pending``, due now, attempts and age reset, an event naming the user, and an
+open circuit probes at once. A delivery being sent right now is left alone.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Table, select, update
+from sqlalchemy import Engine, Table, select
 
 from db.tables import Delivery, DeliveryStatus, Job, Patient, Result, Study, utcnow
 
 _deliveries: Table = Delivery.__table__  # type: ignore[assignment]
-#: Statuses a delivery can be resent from ("sent": the PACS lost it, say).
-RESENDABLE = (DeliveryStatus.FAILED.value, DeliveryStatus.PENDING.value,
-              DeliveryStatus.SENT.value)
 
 
-def resend(engine: Engine, delivery_ids: list[int]) -> list[int]:
-    """Make deliveries due again; returns those that were (not ``sending``)."""
+def resend(engine: Engine, delivery_ids: list[int], user: str = "") -> list[int]:
+    """Make deliveries due again; returns those that were (not ``sending``, and known)."""
+    from node.workflow.outbox import ResendError
+    from node.workflow.outbox import resend as outbox_resend
+
     if not delivery_ids:
         return []
-    with engine.begin() as conn:
-        done = conn.execute(
-            update(_deliveries).where(_deliveries.c.id.in_(delivery_ids))
-            .where(_deliveries.c.status.in_(RESENDABLE))
-            .values(status=DeliveryStatus.PENDING.value, attempts=0, next_attempt_at=utcnow(),
-                    sent_at=None, owner=None, lease_until=None)
-            .returning(_deliveries.c.id)).scalars().all()
+    try:
+        done, _busy = outbox_resend(engine, utcnow(), ids=delivery_ids,
+                                    reason=f"from the web by {user}" if user else "")
+    except ResendError:
+        return []
     return sorted(done)
 
 

@@ -102,7 +102,7 @@ def access_log(request: Request, username: str = "", action: str = "", study: st
 def do_resend(request: Request, who: Principal, ids: list[int]) -> list[int]:
     """Resend and record each delivery (shared with the pages)."""
     context = request.app.state.ctx
-    done = actions.resend(context.engine, ids)
+    done = actions.resend(context.engine, ids, who.name)
     for delivery_id in ids:
         where = actions.delivery_study(context.engine, delivery_id) or {}
         trail.record(context.engine, "resend", who.name, client_of(request),
