@@ -26,7 +26,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from tests.conftest import NodeProcess, dcmtk_env, query, require_tool
-from tests.raw_peer import COMMAND, LAST, RawAssociation, p_data, pdv, store_command
+from tests.raw_peer import (
+    COMMAND,
+    LAST,
+    RawAssociation,
+    fragments,
+    p_data,
+    pdv,
+    store_command,
+)
 from tests.test_refusals import (
     associate,
     association_rows,
@@ -39,6 +47,8 @@ from tests.test_refusals import (
 
 _CLAIM = 0xFFFFFFF0  # ~4 GiB
 OUT_OF_RESOURCES = 0xA700
+# Presentation contexts of the raw associations: {context ID: (SOP class, syntax)}.
+_CT = {1: (CTImageStorage, ExplicitVRLittleEndian)}
 
 
 def _node(make_node: Any, **keys: str) -> NodeProcess:
@@ -231,22 +241,30 @@ def test_memory_budget_under_hostile_input(make_node: Any, tmp_path: Path) -> No
 
 
 def test_fallback_path_is_bounded_too(make_node: Any) -> None:
-    """With PDUs too small for a whole command set, C-STOREs go through pynetdicom,
-    which gathers the dataset in memory: at node.max_instance_mb the node drops it,
-    discards the rest and answers 0xA700, as on the direct path; the association goes on."""
-    node = _node(make_node, max_pdu="100", max_instance_mb="1")
-    ds = instance(generate_uid(), generate_uid(), Rows=1024, Columns=576,
-                  PixelData=bytes(1024 * 576 * 2))
-    assoc = associate(node, "FALLBACK")
-    try:
-        assert store(assoc, ds) == (OUT_OF_RESOURCES, "dataset over node.max_instance_mb (1 MiB)")
-        echo = assoc.send_c_echo()
-        assert echo and echo.Status == 0x0000
-        small = instance(generate_uid(), generate_uid())
-        assert store(assoc, small) == (0x0000, "")
-    finally:
-        assoc.release()
-    assert f"refused instance {ds.SOPInstanceUID} from 'FALLBACK': 0xA700" in node.log()
+    """A command set split over PDVs sends its C-STORE through pynetdicom, which gathers
+    the dataset in memory: at node.max_instance_mb the node drops it, discards the rest
+    and answers 0xA700, as on the direct path; the association goes on."""
+    node = _node(make_node, max_instance_mb="1")
+    assoc = RawAssociation.open(node.port, node.ae_title, "FALLBACK",
+                                {**_CT, 3: (Verification, "1.2.840.10008.1.2")})
+    big = instance(generate_uid(), generate_uid(), Rows=1024, Columns=576,
+                   PixelData=bytes(1024 * 576 * 2))
+    small = instance(generate_uid(), generate_uid())
+    answers = []
+    for message_id, ds in enumerate((big, small), start=1):
+        command = store_command(CTImageStorage, ds.SOPInstanceUID, message_id)
+        assoc.send(p_data(pdv(1, COMMAND, command[:40])), p_data(pdv(1, COMMAND | LAST,
+                                                                       command[40:])))
+        assoc.send_dataset(1, fragments(encode(ds), 16000))
+        response = assoc.response()
+        answers.append((response.MessageIDBeingRespondedTo, response.Status,
+                        response.get("ErrorComment", "")))
+        if message_id == 1:
+            assert assoc.echo(3) == 0x0000
+    assoc.release()
+    assert answers == [(1, OUT_OF_RESOURCES, "dataset over node.max_instance_mb (1 MiB)"),
+                       (2, 0x0000, "")]
+    assert f"refused instance {big.SOPInstanceUID} from 'FALLBACK': 0xA700" in node.log()
     assert association_rows(node)["FALLBACK"]["outcome"] == "released"
     rows = query(node.db_url, "select sop_instance_uid from instances")
     assert rows == [{"sop_instance_uid": small.SOPInstanceUID}]
@@ -256,7 +274,6 @@ def test_fallback_path_is_bounded_too(make_node: Any) -> None:
 # -- streamed to the staging file, never held in memory ------------------------------
 
 _SIDE = 10240  # rows and columns: 200 MiB of 16-bit Pixel Data
-_CT = {1: (CTImageStorage, ExplicitVRLittleEndian)}
 
 
 def _big_head(study: str, series: str, sop: str) -> tuple[bytes, int]:
