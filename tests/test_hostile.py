@@ -20,6 +20,7 @@ import pytest
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    MRImageStorage,
     generate_uid,
 )
 from pynetdicom import AE
@@ -49,6 +50,7 @@ _CLAIM = 0xFFFFFFF0  # ~4 GiB
 OUT_OF_RESOURCES = 0xA700
 # Presentation contexts of the raw associations: {context ID: (SOP class, syntax)}.
 _CT = {1: (CTImageStorage, ExplicitVRLittleEndian)}
+_TWO = {**_CT, 3: (MRImageStorage, ExplicitVRLittleEndian)}
 
 
 def _node(make_node: Any, **keys: str) -> NodeProcess:
@@ -340,4 +342,104 @@ def test_large_instances_are_streamed_to_disk(make_node: Any) -> None:
         assert size == len(head) + _SIDE * _SIDE * 2
         assert first[: len(head)] == head
         assert sizes[path.stem] == path.stat().st_size
+    _assert_nothing_staged(node)
+
+
+# -- PDUs that break the rules ------------------------------------------------------
+
+def _begin_store(node: NodeProcess, calling: str) -> tuple[RawAssociation, str, bytes]:
+    """A raw association with a C-STORE on the direct path whose dataset has begun
+    arriving (its staging file exists); returns it, the SOP Instance UID and the
+    dataset bytes not sent yet."""
+    assoc = RawAssociation.open(node.port, node.ae_title, calling, _TWO)
+    assert assoc.accepted == {1, 3}
+    sop = generate_uid()
+    data = encode(instance(generate_uid(), generate_uid(), sop, Rows=256, Columns=256,
+                           PixelData=bytes(256 * 256 * 2)))
+    assoc.send(p_data(pdv(1, COMMAND | LAST, store_command(CTImageStorage, sop)),
+                      pdv(1, 0x00, data[:8192])))
+    incoming = node.data_dir / "incoming"
+    deadline = time.monotonic() + 10
+    while not (incoming.is_dir() and list(incoming.iterdir())):
+        assert time.monotonic() < deadline, "no staging file"
+        time.sleep(0.02)
+    return assoc, sop, data[8192:]
+
+
+def _assert_aborted(node: NodeProcess, assoc: RawAssociation, calling: str) -> None:
+    """The node sent an A-ABORT and closed; nothing of the instance remains."""
+    assert assoc.read_until_closed() == [0x07]
+    assert association_rows(node)[calling]["outcome"] == "aborted"
+    _assert_nothing_kept(node)
+    assert _echoscu(node).returncode == 0  # the node goes on
+
+
+@pytest.mark.parametrize("intruder", ["other-context", "command"])
+def test_a_pdv_of_another_message_inside_a_dataset_aborts(make_node: Any,
+                                                          intruder: str) -> None:
+    """PS3.8 9.3.1: no fragment of another message until the current one is complete."""
+    node = _node(make_node)
+    assoc, sop, rest = _begin_store(node, "INTERLEAVE")
+    if intruder == "other-context":
+        intruding = pdv(3, 0x00, rest[:4096])
+    else:
+        intruding = pdv(1, COMMAND | LAST, store_command(CTImageStorage, generate_uid(), 2))
+    assoc.send(p_data(intruding, pdv(1, LAST, rest)))
+    _assert_aborted(node, assoc, "INTERLEAVE")
+    assert "PDV of another message inside a C-STORE dataset" in node.log()
+
+
+def test_a_p_data_cut_short_by_the_peer_leaves_nothing(make_node: Any) -> None:
+    """A P-DATA-TF header claims 10000 bytes, 100 follow, then the connection closes."""
+    node = _node(make_node)
+    assoc, _, rest = _begin_store(node, "CUTSHORT")
+    body = pdv(1, LAST, rest[:9994])
+    assoc.send(struct.pack(">BBL", 0x04, 0, len(body)) + body[:100])
+    assoc.sock.close()
+    rows = {}
+    deadline = time.monotonic() + 10
+    while rows.get("outcome") in (None, "open") and time.monotonic() < deadline:
+        rows = association_rows(node)["CUTSHORT"]
+    assert rows["outcome"] == "aborted"
+    _assert_nothing_kept(node)
+    assert "PDU shorter than announced (100 of 10000 bytes)" in node.log()
+
+
+def test_a_pdv_longer_than_its_pdu_aborts(make_node: Any) -> None:
+    node = _node(make_node)
+    assoc, _, rest = _begin_store(node, "LONGPDV")
+    item = pdv(1, 0x00, rest[:100])
+    lying = struct.pack(">L", 5000) + item[4:]  # the item claims 5000 bytes of 102
+    assoc.send(p_data(lying))
+    _assert_aborted(node, assoc, "LONGPDV")
+    assert "PDV item length does not fit the PDU" in node.log()
+
+
+@pytest.mark.parametrize("layout", ["a-pdu-per-fragment", "command-end-with-dataset"])
+def test_a_command_set_split_over_pdvs_is_stored(make_node: Any, layout: str) -> None:
+    """A command set in two PDVs is pynetdicom's to gather (the direct path takes only
+    whole ones): the instance is stored byte for byte and answered Success."""
+    node = _node(make_node)
+    assoc = RawAssociation.open(node.port, node.ae_title, "SPLITCMD", _CT)
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    data = encode(instance(study, series, sop, Rows=64, Columns=64,
+                           PixelData=bytes(range(256)) * 32))
+    command = store_command(CTImageStorage, sop)
+    head, tail = pdv(1, COMMAND, command[:40]), pdv(1, COMMAND | LAST, command[40:])
+    if layout == "a-pdu-per-fragment":
+        assoc.send(p_data(head), p_data(tail))
+        assoc.send_dataset(1, fragments(data, 3000))
+    else:
+        assoc.send(p_data(head), p_data(tail, pdv(1, 0x00, data[:3000])))
+        assoc.send_dataset(1, fragments(data[3000:], 3000))
+    response = assoc.response()
+    assert (response.Status, response.MessageIDBeingRespondedTo,
+            response.AffectedSOPInstanceUID) == (0x0000, 1, sop)
+    assert assoc.echo(1) == 0x0000  # the association goes on
+    assoc.release()
+    path = node.data_dir / "studies" / study / series / f"{sop}.dcm"
+    size, _ = _dataset_part(path)
+    assert size == len(data) and path.read_bytes()[-len(data):] == data
+    assert query(node.db_url, "select sop_instance_uid from instances") == [
+        {"sop_instance_uid": sop}]
     _assert_nothing_staged(node)

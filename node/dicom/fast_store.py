@@ -128,8 +128,18 @@ class FastStore:
 
         Returns ``None`` when pynetdicom must process the PDU, else the bytes to send
         back (a C-STORE-RSP PDU once the request is complete, or ``b""``).
+
+        Raises
+        ------
+        ProtocolError
+            When the PDU breaks the P-DATA rules; the instance in progress, if any, is
+            dropped (the association is to be aborted).
         """
-        pdvs = split_pdvs(body)
+        try:
+            pdvs = split_pdvs(body)
+        except ProtocolError:
+            self.abandon()
+            raise
         if self._message is None:
             message = self._start(assoc, pdvs)
             if message is None:

@@ -149,7 +149,11 @@ class FastDUL(DULServiceProvider):
         if pdu_type == 0x04 and self.state_machine.current_state == "Sta6":
             fast = self._fast_store()
             if fast is not None:
-                reply = fast.offer(self.assoc, memoryview(body))
+                try:
+                    reply = fast.offer(self.assoc, memoryview(body))
+                except ProtocolError as exc:  # its instance is dropped already
+                    self._refuse(str(exc))
+                    return
                 if reply is not None:
                     if reply:
                         sock.send(reply)
