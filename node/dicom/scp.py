@@ -214,7 +214,7 @@ class StorageSCP:
         setattr(assoc, _ASSOC_ID, row)
         if reason := self.policy.refusal(calling, requestor.address):
             # Rejected-permanent, by the service user: calling AE title not recognised.
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            _reject(assoc, 0x01, 0x01, 0x03)
             self._record_rejection(assoc, calling, reason)
             return
         log.info("association %s from %s (%s:%s)", row, calling, requestor.address, requestor.port)
@@ -239,7 +239,7 @@ class StorageSCP:
     def _reject_busy_host(self, assoc: Association, calling: str) -> None:
         # Rejected-transient, service provider (presentation), local limit exceeded: the
         # peer may retry later. pynetdicom then skips negotiation (is_rejected is set).
-        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        _reject(assoc, 0x02, 0x03, 0x02)
         self._record_rejection(assoc, calling, (
             f"{self.config.max_associations_per_host} associations from this host are "
             "established already (node.max_associations_per_host)"))
@@ -401,6 +401,14 @@ _TLS_REASONS = {
     "UNSUPPORTED_PROTOCOL": "the client offered only TLS older than 1.2",
     "NO_SHARED_CIPHER": "no cipher in common (BCP 195 allows ECDHE/DHE with AES-GCM or ChaCha20)",
 }
+
+
+def _reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:
+    """A-ASSOCIATE-RJ from an EVT_REQUESTED handler, as pynetdicom's own rejections do
+    it: wait until the DUL has sent it, else pynetdicom may shut the connection first
+    and the peer sees it close with no answer."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    assoc.kill()
 
 
 def _answer(result: StoreResult) -> tuple[int, str]:
