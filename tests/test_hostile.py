@@ -23,7 +23,7 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from tests.conftest import NodeProcess, dcmtk_env, query, require_tool
@@ -31,9 +31,11 @@ from tests.raw_peer import (
     COMMAND,
     LAST,
     RawAssociation,
+    associate_rq,
     fragments,
     p_data,
     pdv,
+    read_pdu,
     store_command,
 )
 from tests.test_refusals import (
@@ -181,6 +183,53 @@ def test_per_host_limit_rejects_transient(make_node: Any) -> None:
                  "select outcome, reason from associations where calling_ae = 'THIRD'")
     assert rows == [{"outcome": "rejected", "reason": "2 associations from this host are "
                      "established already (node.max_associations_per_host)"}]
+
+
+def test_per_host_limit_holds_for_simultaneous_requests(make_node: Any,
+                                                        postgres_url: str) -> None:
+    """Rounds of 30 A-ASSOCIATE-RQs from one host arriving at once, 8 allowed: the check
+    and the count are one step, so no more than 8 are accepted. On PostgreSQL, where
+    recording the associations does not queue them one by one (SQLite's write lock
+    does); 127 presentation contexts each make the negotiation after the check take a
+    while."""
+    node = make_node(db_url=postgres_url,
+                     extra_env={"PACSNODE__NODE__MAX_ASSOCIATIONS_PER_HOST": "8"})
+    contexts = {2 * n + 1: (context.abstract_syntax, ALL_TRANSFER_SYNTAXES[0])
+                for n, context in enumerate(StoragePresentationContexts[:127])}
+    for round_ in range(2):
+        requests = [associate_rq(node.ae_title, f"RUSH{round_}-{n:02d}", contexts, 16384,
+                                 *ALL_TRANSFER_SYNTAXES[1:10]) for n in range(30)]
+        assert _rush(node, requests) == 8
+        _wait_all_closed(node)  # the released ones are counted out before their row closes
+    assert _echoscu(node).returncode == 0
+
+
+def _wait_all_closed(node: NodeProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while query(node.db_url, "select count(*) as n from associations "
+                "where outcome = 'open'")[0]["n"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _rush(node: NodeProcess, requests: list[bytes]) -> int:
+    """Send the requests at once, each on its own connection; returns how many were
+    accepted (those are released), checking the others were rejected for the limit."""
+    rushing = [_connect(node) for _ in requests]
+    try:
+        for sock, request in zip(rushing, requests):
+            sock.sendall(request)
+        answers = [read_pdu(sock) for sock in rushing]
+        accepted = [sock for sock, (pdu_type, _) in zip(rushing, answers) if pdu_type == 0x02]
+        # The others: A-ASSOCIATE-RJ, rejected-transient, local limit exceeded.
+        assert [body[1:4] for pdu_type, body in answers if pdu_type != 0x02] == [
+            b"\x02\x03\x02"] * (len(requests) - len(accepted))
+        for sock in accepted:  # A-RELEASE-RQ, A-RELEASE-RP
+            sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + bytes(4))
+            assert read_pdu(sock)[0] == 0x06
+        return len(accepted)
+    finally:
+        for sock in rushing:
+            sock.close()
 
 
 def test_instance_over_max_instance_mb_is_refused(make_node: Any) -> None:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # Per-association state kept on the Association object itself: pynetdicom runs each
 # association in its own thread and drops the object when it ends.
 _ASSOC_ID = "_pacsnode_association_id"
+# The address an association was admitted under (counted in StorageSCP._admitted).
+_ADMITTED = "_pacsnode_admitted_from"
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -95,6 +97,9 @@ class StorageSCP:
         self.audit = audit
         self.policy = policy
         self.commitments = commitments
+        # Associations admitted per requestor address (node.max_associations_per_host).
+        self._admitted: dict[str, int] = {}
+        self._admitted_lock = threading.Lock()
         self.ae = make_ae(config)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: TLSAssociationServer | None = None
@@ -222,19 +227,22 @@ class StorageSCP:
             self._reject_busy_host(assoc, calling)
 
     def _over_host_limit(self, assoc: Association) -> bool:
-        """Established associations from the requestor's address, against the limit.
+        """Admit the association under its requestor's address, unless that address
+        has node.max_associations_per_host admitted already; counted until it ends.
 
-        Connections still negotiating do not count (they are bounded by
-        node.association_timeout_s and node.max_associations): a peer's own hung
-        connections must not lock it out of the associations it completes.
+        Checked and counted under one lock: associations negotiating at the same time
+        must not all pass the check. Connections that have not sent their request do
+        not count (they are bounded by node.association_timeout_s and
+        node.max_associations): a peer's own hung connections must not lock it out.
         """
         address = assoc.requestor.address
-        busy = sum(
-            1
-            for other in self.ae.active_associations
-            if other is not assoc and other.is_established and other.requestor.address == address
-        )
-        return busy >= self.config.max_associations_per_host
+        with self._admitted_lock:
+            admitted = self._admitted.get(address, 0)
+            if admitted >= self.config.max_associations_per_host:
+                return True
+            self._admitted[address] = admitted + 1
+        setattr(assoc, _ADMITTED, address)
+        return False
 
     def _reject_busy_host(self, assoc: Association, calling: str) -> None:
         # Rejected-transient, service provider (presentation), local limit exceeded: the
@@ -357,6 +365,15 @@ class StorageSCP:
         )
 
     def _on_end(self, assoc: Association) -> None:
+        address = getattr(assoc, _ADMITTED, None)
+        if address is not None:
+            setattr(assoc, _ADMITTED, None)
+            with self._admitted_lock:
+                left = self._admitted[address] - 1
+                if left:
+                    self._admitted[address] = left
+                else:
+                    del self._admitted[address]
         row = getattr(assoc, _ASSOC_ID, None)
         if row is None:
             return
