@@ -244,6 +244,8 @@ def node_env(folder: Path, port: int, max_pdu: int | None,
             "PACSNODE__STORAGE__DATA_DIR": str(folder / "var"),
             # No study becomes stable during the bench, so no extra work competes.
             "PACSNODE__STUDY__STABLE_AGE_S": "3600",
+            # Two nodes run side by side; neither needs the web application.
+            "PACSNODE__WEB__ENABLED": "false",
         }
     )
     if max_pdu is not None:
