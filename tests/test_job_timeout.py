@@ -71,7 +71,7 @@ def test_a_job_over_its_timeout_is_killed_retried_and_failed(make_node: Any,
     assert echo.returncode == 0, echo.stderr
     wait_until(analysed, 240, f"both series to end\n{node.log()[-3000:]}")
     slow = by_series[stuck.series_instance_uid]
-    assert slow["status"] == "failed" and slow["attempt"] == 2
+    assert slow["status"] == "failed" and slow["attempt"] == 2, slow["reason"]
     assert slow["reason"] == f"timed out after {TIMEOUT_S} s (2 attempts); giving up"
     # Each attempt was stopped at the timeout, not run to its end (minutes).
     assert time.monotonic() - started < 200
