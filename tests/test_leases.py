@@ -118,7 +118,8 @@ def test_sigterm_drains_the_c_stores_in_flight(make_node: Any, tmp_path: Path) -
 
     from tests.conftest import dcmtk_env, make_series
 
-    series = make_series(tmp_path / "ct", slices=150, size=256)
+    # Large enough that SIGTERM lands mid-transfer even on a loaded machine.
+    series = make_series(tmp_path / "ct", slices=400, size=256)
     node = make_node()
     log_path = tmp_path / "storescu.log"
     with log_path.open("w") as log:
