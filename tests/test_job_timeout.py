@@ -24,11 +24,16 @@ TIMEOUT_S = 6
 
 
 def slow_model(path: Path, size: int = 64, layers: int = 60) -> None:
-    """A valid segmentation model (softmax over 2 classes) that is very slow on a CPU."""
+    """A valid segmentation model (softmax over 2 classes) that is very slow on a CPU.
+
+    About 0.6 s per 64x64 slice on 2 cores here, so 96 slices take ten times the
+    timeout: the margin must hold on a quiet machine too (96 channels and 24 slices
+    once finished in under 6 s).
+    """
     import keras
 
     stack = [keras.Input((size, size, 1))]
-    stack += [keras.layers.Conv2D(96, 3, padding="same", activation="relu")
+    stack += [keras.layers.Conv2D(128, 3, padding="same", activation="relu")
               for _ in range(layers)]
     stack.append(keras.layers.Conv2D(2, 1, activation="softmax"))
     keras.Sequential(stack).save(path)
@@ -39,7 +44,7 @@ def test_a_job_over_its_timeout_is_killed_retried_and_failed(make_node: Any,
     require_tool("storescu", "echoscu")
     slow_model(tmp_path / "slow.keras")
     user_card(tmp_path / "slow.json")
-    spec = PhantomSpec(slices=24, rows=64, columns=64, pixel_spacing_mm=6.0, seed=2)
+    spec = PhantomSpec(slices=96, rows=64, columns=64, pixel_spacing_mm=6.0, seed=2)
     stuck = write_ct_series(make_phantom(spec), tmp_path / "stuck", series_number=1,
                             series_description="slow")
     quick = write_ct_series(make_phantom(spec), tmp_path / "quick", series_number=2,
