@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PACSNODE, require_tool
+from tests.conftest import PACSNODE, free_port, require_tool
 from tests.syslog_listener import (
     SyslogListener,
     check_audit_message,
@@ -56,7 +56,7 @@ def test_udp_messages_for_what_happened(make_node: Any, udp: SyslogListener,
     received = udp.wait_for("110104", EventActionCode="C").xml
     (study,) = objects(received, "110180")
     assert study.get("ParticipantObjectID") == ct_series.study_instance_uid
-    sop = study.find("SOPClass")
+    sop = study.find("ParticipantObjectDescription/SOPClass")
     assert sop.get("UID") == "1.2.840.10008.5.1.4.1.1.2"
     assert sop.get("NumberOfInstances") == str(len(ct_series.paths))
     (patient,) = objects(received, "2")
@@ -137,3 +137,44 @@ def test_tls_needs_the_ca_named_by_its_key(tmp_path: Path) -> None:
                             cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert "audit.syslog: transport tls needs ca_certificates" in result.stderr
+
+
+SEG, COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def test_results_delivered_and_not_delivered(make_node: Any, udp: SyslogListener,
+                                             tmp_path: Path) -> None:
+    """Instances Transferred (action R) for the SEG and SR a real Orthanc stored, and one
+    with a failure outcome and the reason for a destination that refused the connection."""
+    require_tool("storescu", "Orthanc")
+    from tests.orthanc import Orthanc
+    from tests.test_outbox import destination, outbox_node, send_study
+
+    orthanc = Orthanc.start(tmp_path / "orthanc")
+    try:
+        closed = free_port()
+        node = outbox_node(make_node, [destination("pacs", orthanc.dicom_port),
+                                       destination("down", closed)],
+                           PACSNODE__AUDIT__SYSLOG=json.dumps(
+                               {"host": "127.0.0.1", "port": udp.port, "transport": "udp"}))
+        study = send_study(node, tmp_path / "in")
+        sent = udp.wait_for("110104", timeout=120, EventActionCode="R",
+                            EventOutcomeIndicator="0").xml
+        failed = udp.wait_for("110104", timeout=60, EventActionCode="R",
+                              EventOutcomeIndicator="4").xml
+    finally:
+        orthanc.stop()
+    for message, peer_port in ((sent, orthanc.dicom_port), (failed, closed)):
+        check_audit_message(message)
+        (obj,) = objects(message, "110180")
+        assert obj.get("ParticipantObjectID") == study
+        assert objects(message, "2")[0].get("ParticipantObjectID") == PATIENT
+        who = participants(message)
+        # The node sends (requestor, source role); the destination's AE receives.
+        assert [(p["UserID"], p["role"], p["UserIsRequestor"]) for p in who] == [
+            ("ORTHANC", "110152", "false"), ("PACSNODE", "110153", "true")]
+    classes = {s.get("UID"): s.get("NumberOfInstances")
+               for s in objects(sent, "110180")[0].iter("SOPClass")}
+    assert classes == {SEG: "1", COMPREHENSIVE_3D_SR: "1"}, classes
+    reason = failed.find("EventIdentification/EventOutcomeDescription").text
+    assert reason and "refused" in reason.lower(), reason

@@ -26,6 +26,7 @@ from analysis.phantoms.trunk import PhantomSpec, make_phantom
 from tests.conftest import NodeProcess, free_port, require_tool
 from tests.orthanc import Orthanc, free_ports
 from tests.test_return_to_pacs import wait_until
+from tests.web_helpers import add_user, logged_in
 
 ROUTES = json.dumps([{"name": "ct", "match": {"modality": "CT"}, "pipeline": "ct-body"}])
 SPEC = PhantomSpec(slices=12, rows=64, columns=64, pixel_spacing_mm=6.0, seed=5)
@@ -133,6 +134,14 @@ def test_circuit_opens_probes_and_the_backlog_flows(make_node: Any, tmp_path: Pa
     seg, sr = sorted(of_study(node, first), key=lambda d: d["id"])
     assert seg["attempts"] >= 5 and sr["attempts"] == 3, (seg, sr)
     assert [d["attempts"] for d in of_study(node, second)] == [0, 0]
+    # The dashboard shows the open circuit, its failures and its error to a viewer.
+    add_user(node, "view", "viewer")
+    web = logged_in(node.web_url, "view")
+    shown = web.get(f"{node.web_url}/api/dashboard", timeout=10).json()
+    assert shown["circuits"]["late"]["state"] in ("open", "half-open"), shown
+    assert shown["deliveries"]["late"]["pending"] >= 2
+    row = _dashboard_row(web.get(f"{node.web_url}/", timeout=10).text, "late")
+    assert ("open" in row or "half-open" in row) and "cannot connect" in row, row
 
     orthanc = Orthanc.start(tmp_path / "orthanc", ports=(http_port, dicom_port))
     try:
@@ -146,8 +155,18 @@ def test_circuit_opens_probes_and_the_backlog_flows(make_node: Any, tmp_path: Pa
         # Once the probe got through, the backlog went at once: one attempt each.
         assert sorted(d["attempts"] for d in of_study(node, second)) == [1, 1]
         assert [d["attempts"] for d in of_study(node, first) if d["id"] == sr["id"]] == [4]
+        row = _dashboard_row(web.get(f"{node.web_url}/", timeout=10).text, "late")
+        assert ">closed<" in row and "cannot connect" not in row, row
     finally:
         orthanc.stop()
+
+
+def _dashboard_row(page: str, name: str) -> str:
+    """The dashboard's table row of one destination."""
+    table = page[page.index('id="destinations"'):]
+    rows = [r for r in table.split("<tr>") if f">{name}</a>" in r]
+    assert rows, table[:2000]
+    return rows[0].split("</tr>")[0]
 
 
 def test_a_delivery_fails_after_max_age_with_its_last_error(db_url: str, make_node: Any,

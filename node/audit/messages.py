@@ -164,10 +164,14 @@ def _study(root: ET.Element, study: StudyObject) -> None:
         "ParticipantObjectID": study.study_uid, "ParticipantObjectTypeCode": "2",
         "ParticipantObjectTypeCodeRole": "3"})
     _code(element, "ParticipantObjectIDTypeCode", STUDY_UID)
+    if not (study.accession or study.sop_classes):
+        return
+    # The schema's DICOMObjectDescriptionContents: Accession before SOPClass.
+    description = ET.SubElement(element, "ParticipantObjectDescription")
     if study.accession:
-        ET.SubElement(element, "Accession", {"Number": study.accession})
+        ET.SubElement(description, "Accession", {"Number": study.accession})
     for uid, count in sorted(study.sop_classes.items()):
-        ET.SubElement(element, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+        ET.SubElement(description, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
 
 
 def _patient(root: ET.Element, patient_id: str, name: str) -> None:

@@ -20,6 +20,7 @@ from db.tables import (
     utcnow,
 )
 from node.audit_queries import read_session
+from node.delivery_queries import circuits_in
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -46,7 +47,7 @@ def _period(conn: Any, since: datetime) -> dict[str, int]:
 
 def dashboard(engine: Engine, now: datetime | None = None) -> dict[str, Any]:
     """Today (since 00:00 UTC) and the last 7 days, the ingest rate of the last hour,
-    jobs queued and running, deliveries pending and failed per destination."""
+    jobs queued and running, deliveries by status and the circuit state per destination."""
     now = now or utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with read_session(engine) as conn:
@@ -59,12 +60,17 @@ def dashboard(engine: Engine, now: datetime | None = None) -> dict[str, Any]:
                 select(Delivery.destination, Delivery.status, func.count())
                 .group_by(Delivery.destination, Delivery.status)).all():
             per_destination.setdefault(name, {})[status] = int(count)
+        circuits = {c["name"]: c for c in circuits_in(conn)}
+        for name in circuits:
+            per_destination.setdefault(name, {})
         return {
             "today": _period(conn, midnight),
             "week": _period(conn, now - timedelta(days=7)),
             "ingest_per_minute": round(last_hour / 60, 1),
             "jobs": {"queued": int(jobs.get("queued", 0)), "running": int(jobs.get("running", 0))},
             "deliveries": per_destination,
+            # The outbox's circuit breaker per destination (closed, open, half-open).
+            "circuits": circuits,
         }
 
 

@@ -180,11 +180,22 @@ class DestinationSender(threading.Thread):
         now = utcnow()
         outbox.record_outcomes(self.engine, self.config, sent.outcomes,
                                self.dest.storage_commitment, now)
-        atna.instances_delivered(
-            [o.due.delivery_id for o in sent.outcomes if o.error is None], self.dest)
+        self._audit(sent.outcomes)
         if sent.reached is not None:
             self._record_circuit(None if sent.reached else sent.error, now)
         return bool(sent.reached)
+
+    def _audit(self, outcomes: list[Outcome]) -> None:
+        """One ATNA Instances Transferred message for what was stored, and one per
+        distinct error for what was tried and not stored (held-back SRs were not tried)."""
+        atna.instances_delivered([o.due.delivery_id for o in outcomes if o.error is None],
+                                 self.dest)
+        failed: dict[str, list[int]] = {}
+        for o in outcomes:
+            if o.error is not None and o.held_by is None:
+                failed.setdefault(o.error, []).append(o.due.delivery_id)
+        for error, ids in failed.items():
+            atna.instances_delivered(ids, self.dest, error=error)
 
     def _probe(self, now: datetime) -> bool:
         """The open circuit's one try: the oldest pending delivery, or a C-ECHO."""
