@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -29,11 +29,102 @@ _PERPENDICULAR_TOL = 1.0 - math.cos(math.radians(_MAX_TILT_DEG))
 _ORIENTATION_TOL = 1e-4
 #: Slices may deviate this fraction of the slice spacing from a regular stack.
 _POSITION_RTOL = 0.05
+_FRAME_OF_REFERENCE = 0x00200052
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class VolumeError(ValueError):
     """The datasets do not form one regular volume; the message says why."""
+
+
+def frame_of_reference_note(datasets: Sequence[Dataset]) -> str | None:
+    """What to tell the reader when one series has several FrameOfReferenceUIDs.
+
+    Its slices are still stacked as one volume when their positions and orientation
+    are consistent (checked when the volume is built): anonymizers are known to give
+    every slice its own UID while the geometry stays one scan.
+    """
+    values = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
+    if len(values) <= 1:
+        return None
+    return (f"the series has {len(values)} different FrameOfReferenceUIDs in "
+            f"{len(datasets)} images; analysed as one volume because positions and "
+            "orientation are consistent")
+
+
+def volume_blocks_from_datasets(
+    datasets: Sequence[Dataset],
+) -> list[tuple[ImageVolume, list[int]]]:
+    """One volume, or several where the slice spacing changes along the series.
+
+    Sequential head protocols scan the posterior fossa in thinner slices than the
+    brain above it: such a series is split into blocks of uniform spacing, each a
+    regular volume, in slice order along the normal. A series with slices missing
+    from an otherwise regular stack is refused as :func:`volume_from_datasets`
+    refuses it: that series is incomplete, not a different protocol.
+
+    Returns
+    -------
+    list of (volume, source_index)
+        ``source_index`` maps each block's slices to indices in ``datasets``.
+    """
+    try:
+        return [volume_from_datasets(datasets)]
+    except VolumeError:
+        blocks = _uniform_blocks(datasets)
+        if blocks is None:
+            raise
+    out = []
+    for block in blocks:
+        volume, order = volume_from_datasets([datasets[i] for i in block])
+        out.append((volume, [block[k] for k in order]))
+    return out
+
+
+def _uniform_blocks(datasets: Sequence[Dataset]) -> list[list[int]] | None:
+    """Indices of runs of uniformly spaced slices, or ``None`` where the series is
+    irregular in a way blocks do not explain (duplicates, missing slices, mixed
+    orientations)."""
+    if len(datasets) < 3:
+        return None
+    try:
+        _check_consistent(datasets)
+        for i, ds in enumerate(datasets):
+            _check_image(i, ds)
+    except VolumeError:
+        return None
+    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)
+    distance = positions @ _normal(datasets[0].ImageOrientationPatient)
+    order = [int(i) for i in np.argsort(distance, kind="stable")]
+    gaps = np.diff(distance[order])
+    if gaps.min() < 1e-3 or _missing_slices(gaps):
+        return None
+    blocks: list[list[int]] = [[order[0]]]
+    block_gap: float | None = None
+    for index, gap in zip(order[1:], gaps, strict=True):
+        if block_gap is None or abs(gap - block_gap) <= _POSITION_RTOL * block_gap:
+            blocks[-1].append(index)
+            block_gap = gap if block_gap is None else block_gap
+        else:  # the spacing changes: this slice starts the next block
+            blocks.append([index])
+            block_gap = None
+    # A protocol changes its spacing a few times; many short runs are a stack whose
+    # slices wander, which blocks would only hide.
+    if len(blocks) < 2 or len(blocks) > max(2, len(datasets) // 4):
+        return None
+    return blocks
+
+
+def _missing_slices(gaps: np.ndarray) -> bool:
+    """Single gaps of a whole multiple of the spacing on both sides: slices missing."""
+    for k in range(1, len(gaps) - 1):
+        before, after = gaps[k - 1], gaps[k + 1]
+        if abs(before - after) > _POSITION_RTOL * before:
+            continue
+        ratio = gaps[k] / before
+        if ratio > 1.5 and abs(ratio - round(ratio)) < 0.05:
+            return True
+    return False
 
 
 def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[ImageVolume, list[int]]:
@@ -68,7 +159,8 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[ImageVolume, list
     for i, ds in enumerate(datasets):
         _check_image(i, ds)
     _check_consistent(datasets)
-    readable = [_with_transfer_syntax(i, ds) for i, ds in enumerate(datasets)]
+    readable = _one_frame_of_reference(
+        [_with_transfer_syntax(i, ds) for i, ds in enumerate(datasets)])
     order = _slice_order(readable)
     ordered = [readable[i] for i in order]
     try:
@@ -124,10 +216,11 @@ def _check_image(i: int, ds: Dataset) -> None:
 
 
 def _check_consistent(datasets: Sequence[Dataset]) -> None:
-    for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID"):
-        values = Counter(str(ds.get(keyword, "")) for ds in datasets)
-        if len(values) > 1:
-            raise VolumeError(f"mixed {keyword}s ({len(values)} different): not one series")
+    # FrameOfReferenceUID is not checked here: anonymizers give each slice its own
+    # (frame_of_reference_note); the positions decide whether the slices form a stack.
+    values = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
+    if len(values) > 1:
+        raise VolumeError(f"mixed SeriesInstanceUIDs ({len(values)} different): not one series")
     sizes = Counter(f"{ds.Rows}x{ds.Columns}" for ds in datasets)
     if len(sizes) > 1:
         raise VolumeError(f"mixed image sizes (rows x columns): {_counts(sizes)}")
@@ -181,6 +274,26 @@ def _with_transfer_syntax(i: int, ds: Dataset) -> Dataset:
     readable.file_meta = FileMetaDataset()
     readable.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return readable
+
+
+def _one_frame_of_reference(datasets: list[Dataset]) -> list[Dataset]:
+    """Copies that share the first slice's FrameOfReferenceUID, if theirs differ.
+
+    highdicom stacks only slices of one frame of reference; whether differing UIDs
+    still make one stack is for the positions to say (frame_of_reference_note).
+    """
+    uid = datasets[0].get("FrameOfReferenceUID")
+    if all(ds.get("FrameOfReferenceUID") == uid for ds in datasets):
+        return datasets
+    out = []
+    for ds in datasets:
+        # A new element dict and a new element: setting the attribute would change
+        # the element object that the caller's dataset shares.
+        copied = Dataset(dict(ds.items()))
+        copied.file_meta = ds.file_meta
+        copied[_FRAME_OF_REFERENCE] = DataElement(_FRAME_OF_REFERENCE, "UI", uid)
+        out.append(copied)
+    return out
 
 
 def _slice_order(datasets: Sequence[Dataset]) -> list[int]:

@@ -12,7 +12,12 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from analysis.phantoms.dicom_series import ct_series_datasets
 from analysis.phantoms.trunk import PhantomSpec, make_phantom
-from analysis.volume import VolumeError, volume_from_datasets
+from analysis.volume import (
+    VolumeError,
+    frame_of_reference_note,
+    volume_blocks_from_datasets,
+    volume_from_datasets,
+)
 from tests.conftest import SHARED_DATA
 
 SPEC = PhantomSpec(slices=6, rows=32, columns=40, pixel_spacing_mm=1.5, slice_thickness_mm=2.5)
@@ -218,3 +223,62 @@ def test_real_seg_object_is_refused():
     seg = pydicom.dcmread(folder / "liver-seg-dcmqi.dcm")
     with pytest.raises(VolumeError, match="Segmentation Storage.*multi-frame"):
         volume_from_datasets([seg])
+
+
+# ------------------------------------------------------- series real scanners produce
+
+
+def _sequential_head(phantom_slices: int = 24, thin: int = 10) -> list[Dataset]:
+    """A sequential protocol: ``thin`` slices at 2.5 mm, then every other slice (5 mm)."""
+    datasets = ct_series_datasets(make_phantom(PhantomSpec(
+        slices=phantom_slices, rows=32, columns=40, pixel_spacing_mm=1.5,
+        slice_thickness_mm=2.5)))
+    return datasets[:thin] + datasets[thin + 1::2]
+
+
+def test_uneven_spacing_is_split_into_uniform_blocks():
+    datasets = _sequential_head()
+    with pytest.raises(VolumeError, match="missing slice|uneven slice spacing"):
+        volume_from_datasets(datasets)  # one regular stack it is not
+    shuffled = datasets[:]
+    random.Random(3).shuffle(shuffled)
+    blocks = volume_blocks_from_datasets(shuffled)
+    assert sorted(v.spacing_mm[0] for v, _ in blocks) == [pytest.approx(2.5), pytest.approx(5.0)]
+    # The slice between the two spacings may join either block.
+    assert sum(v.hu.shape[0] for v, _ in blocks) == len(shuffled) == 17
+    assert sorted(i for _, order in blocks for i in order) == list(range(len(shuffled)))
+    for volume, order in blocks:
+        assert_geometry_matches_subset(volume, order, shuffled)
+    # The blocks follow each other along the slice normal: their z ranges are apart.
+    (a0, a1), (b0, b1) = (sorted((slice_origin(v, 0)[2], slice_origin(v, v.hu.shape[0] - 1)[2]))
+                          for v, _ in blocks)
+    assert a1 < b0 or b1 < a0
+
+
+def test_missing_slices_and_wandering_slices_are_still_refused(series):
+    thin = _sequential_head(phantom_slices=24, thin=24)
+    with pytest.raises(VolumeError, match="missing slice"):
+        volume_blocks_from_datasets(thin[:8] + thin[9:])
+    position = series[3].ImagePositionPatient
+    series[3].ImagePositionPatient = [position[0], position[1], float(position[2]) + 0.8]
+    with pytest.raises(VolumeError, match="uneven slice spacing"):
+        volume_blocks_from_datasets(series)
+
+
+def test_a_frame_of_reference_per_slice_is_one_volume_with_a_note(series):
+    for ds in series:
+        ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    uids = [ds.FrameOfReferenceUID for ds in series]
+    note = frame_of_reference_note(series)
+    assert note and "6 different FrameOfReferenceUIDs in 6 images" in note
+    volume, order = volume_from_datasets(series)
+    assert_geometry_matches(volume, order, series)
+    assert [ds.FrameOfReferenceUID for ds in series] == uids  # the caller's are kept
+    assert frame_of_reference_note(series[:1]) is None
+
+
+def assert_geometry_matches_subset(volume, order, datasets) -> None:
+    for k, index in enumerate(order):
+        np.testing.assert_allclose(
+            slice_origin(volume, k),
+            np.asarray(datasets[index].ImagePositionPatient, dtype=np.float64), atol=1e-3)

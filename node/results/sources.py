@@ -57,8 +57,13 @@ def _header_copy(ds: Dataset) -> Dataset:
     return out
 
 
-def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
+def prepare_sources(datasets: Sequence[Dataset], *,
+                    one_frame_of_reference: bool = False) -> list[Dataset]:
     """Header copies of the source images that highdicom accepts.
+
+    With ``one_frame_of_reference``, copies of a series whose slices carry different
+    FrameOfReferenceUIDs (an anonymizer's doing; the caller has checked the geometry is
+    one stack) all take the first slice's, the frame of reference the SEG declares.
 
     Returns one new dataset per input, in the same order, with:
 
@@ -104,6 +109,10 @@ def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
         if "SpecificCharacterSet" in out and not out.SpecificCharacterSet:
             del out.SpecificCharacterSet
         prepared.append(out)
+    if one_frame_of_reference and len({str(ds.get("FrameOfReferenceUID", ""))
+                                       for ds in prepared}) > 1:
+        for out in prepared[1:]:
+            out.FrameOfReferenceUID = prepared[0].FrameOfReferenceUID
     return prepared
 
 

@@ -48,6 +48,10 @@ DICE_VS_CLASSICAL = Code("DICECNNCLASSIC", "99PACSNODE",
                          "Dice agreement of CNN and classical segmentation")
 UNIT_RATIO = Code("1", "UCUM", "no units")
 TARGET_REGION = codes.DCM.TargetRegion
+#: TID 1500 row 12's container, and the concept of each note in it.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = codes.DCM.Comment
+_MAX_UT = 4096  # a note longer than this is cut: TEXT items are read, not archived
 PROBABILITY = codes.DCM.Probability
 #: The predicted anatomical region of the series (CID 4031 Common Anatomic Regions).
 REGION_CODES: Mapping[str, Code] = {
@@ -154,6 +158,7 @@ def build_measurement_report(
     series_description: str,
     instance_number: int = 1,
     qualitative: Mapping[str, Sequence[hd.sr.QualitativeEvaluation]] | None = None,
+    notes: Sequence[str] = (),
     agreement: Mapping[str, float] | None = None,
     region: RegionFinding | None = None,
     region_algorithm: AlgorithmInfo | None = None,
@@ -183,6 +188,10 @@ def build_measurement_report(
         Of the new SR series and instance.
     qualitative
         Optional qualitative evaluations per segment label, added to its group.
+    notes
+        What the reader should know about how the series was analysed (a quirk of
+        the series accepted, a mask corrected): TEXT items of the report's
+        Qualitative Evaluations container (TID 1500).
     agreement
         Optional Dice agreement of the CNN's and the classical mask per segment
         label (a QA figure), added to its group as a measurement.
@@ -308,9 +317,12 @@ def build_measurement_report(
         procedure_reported=PROCEDURE_CT,
         imaging_measurements=groups,
     )
+    content = report[0]
+    if notes:
+        content.ContentSequence.append(_notes_container(notes))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*prepared, seg],
-        content=report[0],
+        content=content,
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -322,6 +334,20 @@ def build_measurement_report(
     if agreement:
         sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
+
+
+def _notes_container(notes: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container, one Comment (TEXT) per note."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = [
+        hd.sr.TextContentItem(name=COMMENT, value=note[:_MAX_UT],
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for note in notes
+    ]
+    return container
 
 
 def _private_scheme() -> Dataset:

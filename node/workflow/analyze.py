@@ -65,11 +65,31 @@ def _is_localizer(ds: Dataset) -> bool:
 
 @dataclass
 class LoadedSeries:
-    """A series' images (localizers left out) and the volume built from them."""
+    """A series' images (localizers left out) and the volume built from them.
+
+    A series whose slice spacing changes is held as several ``blocks`` of uniform
+    spacing; ``volume`` is then the largest block (for the region and the preview) and
+    ``order`` runs over all blocks in turn, as the pipeline's masks do.
+    """
 
     images: list[Dataset]
     volume: ImageVolume
-    order: list[int]  # volume slice k comes from images[order[k]]
+    order: list[int]  # slice k of the (stacked) masks comes from images[order[k]]
+    blocks: list[ImageVolume] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the SR and the log
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            self.blocks = [self.volume]
+
+    def block_of_volume(self) -> slice:
+        """Where ``volume`` lies among the stacked slices."""
+        start = 0
+        for block in self.blocks:
+            if block is self.volume:
+                return slice(start, start + block.hu.shape[0])
+            start += block.hu.shape[0]
+        raise ValueError("volume is not one of the blocks")
 
     @property
     def series_instance_uid(self) -> str:
@@ -82,17 +102,30 @@ class LoadedSeries:
 
 def load_series(datasets: Sequence[Dataset], timings: dict[str, float]) -> LoadedSeries:
     """The volume of a series, or :class:`AnalysisRefused` with the reason."""
-    from analysis.volume import VolumeError, volume_from_datasets
+    from analysis.volume import (
+        VolumeError,
+        frame_of_reference_note,
+        volume_blocks_from_datasets,
+    )
 
     images = [ds for ds in datasets if not _is_localizer(ds)]
     if not images:
         raise AnalysisRefused("only localizer (scout) images in this series")
     with timed(timings, "volume"):
         try:
-            volume, order = volume_from_datasets(images)
+            blocks = volume_blocks_from_datasets(images)
         except VolumeError as exc:
             raise AnalysisRefused(f"cannot build a volume: {exc}") from None
-    return LoadedSeries(images, volume, order)
+    notes = [note for note in (frame_of_reference_note(images),) if note]
+    uid = images[0].get("SeriesInstanceUID", "?")
+    for note in notes:
+        log.warning("series %s: %s", uid, note)
+    if len(blocks) > 1:
+        log.warning("series %s: slice spacing varies; analysed in %d blocks of %s slices",
+                    uid, len(blocks), "/".join(str(len(order)) for _, order in blocks))
+    largest = max(blocks, key=lambda block: block[0].hu.shape[0] * block[0].spacing_mm[0])[0]
+    return LoadedSeries(images, largest, [i for _, order in blocks for i in order],
+                        blocks=[volume for volume, _ in blocks], notes=notes)
 
 
 def predict_region(loaded: LoadedSeries, timings: dict[str, float]) -> RegionPrediction | None:
@@ -131,6 +164,7 @@ def analyze_series(
     AnalysisRefused
         When the series cannot be made into a volume or nothing was found.
     """
+    from analysis.blocks import run_in_blocks
     from analysis.pipeline import get_pipeline
     from analysis.preview import render_overlay
 
@@ -140,7 +174,8 @@ def analyze_series(
         region = predict_region(loaded, timings)
     pipeline = get_pipeline(pipeline_name)
     context = pipeline_context(pipeline, settings, model)
-    result = pipeline.run(loaded.volume, context)
+    result = run_in_blocks(pipeline, loaded.blocks, context)
+    result.notes = loaded.notes + result.notes
     timings.update({f"step.{name}": s for name, s in result.timings_s.items()})
     if not any(mask.any() for mask in result.masks.values()):
         raise AnalysisRefused(f"pipeline {pipeline_name} found none of "
@@ -148,7 +183,8 @@ def analyze_series(
     seg, sr = _encode(loaded, result, pipeline, settings, region, timings,
                       context.get("model"))
     with timed(timings, "preview"):
-        preview = render_overlay(loaded.volume, result.masks)
+        shown = loaded.block_of_volume()
+        preview = render_overlay(loaded.volume, {k: m[shown] for k, m in result.masks.items()})
     outcome = SeriesOutcome(loaded.series_instance_uid, "done", pipeline=pipeline_name,
                             result=result, seg=seg, sr=sr, preview=preview, timings_s=timings,
                             region=region, flag=region_flag(loaded, region))
@@ -177,7 +213,8 @@ def _encode(
     finding, classifier = ml_models.region_finding(region)
     structures = ml_models.structures_of(model)
     with timed(timings, "encode_seg"):
-        sources = results.prepare_sources([loaded.images[i] for i in loaded.order])
+        sources = results.prepare_sources([loaded.images[i] for i in loaded.order],
+                                          one_frame_of_reference=True)
         seg = results.build_segmentation(
             sources, result.masks, algorithm=algorithm, identity=identity,
             series_number=settings.results.seg_series_number,
@@ -190,7 +227,7 @@ def _encode(
             series_number=settings.results.sr_series_number,
             series_description=settings.results.sr_series_description,
             agreement=result.agreement or None, region=finding, region_algorithm=classifier,
-            structures=structures,
+            structures=structures, notes=result.notes,
         )
     return seg, sr
 
