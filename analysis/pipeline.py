@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import filters, intensity, segment
+from analysis import anatomy, filters, intensity, segment
 from analysis.measure import measure_segment
 from analysis.types import (
     BODY,
@@ -227,9 +227,16 @@ def _front_steps() -> tuple[Step, ...]:
     )
 
 
+def _anatomy_step() -> Step:
+    """Lung pieces outside the thoracic cavity dropped, or moved to their side."""
+    return Step("anatomy", anatomy.guard_lungs, ("masks", "hu", "spacing_mm", "affine", "notes"),
+                ("masks", "notes"))
+
+
 def _back_steps() -> tuple[Step, ...]:
     return (
         Step("upsample", _upsample, ("hu", "work_masks"), ("masks",)),
+        _anatomy_step(),
         Step("measure", _measure, ("masks", "hu", "spacing_mm"), ("measurements",)),
         Step("notes", _notes, ("masks", "notes"), ("notes",)),
     )
@@ -256,7 +263,8 @@ def ct_body_lungs_classical() -> Pipeline:
 def _classical_mask_steps() -> tuple[Step, ...]:
     """The classical pipeline up to its masks on the source grid (no measurements)."""
     steps = ct_body_lungs_classical().steps
-    return tuple(step for step in steps if step.name not in ("measure", "notes"))
+    # The guard runs once, on the final masks of ct-body-lungs.
+    return tuple(step for step in steps if step.name not in ("anatomy", "measure", "notes"))
 
 
 def _run_steps(steps: tuple[Step, ...], volume: ImageVolume, output: str) -> Any:
@@ -345,6 +353,7 @@ def ct_body_lungs() -> Pipeline:
              ("classical_masks", "cnn_masks", "notes")),
         Step("combine", _combine, ("classical_masks", "cnn_masks", "final_mask"),
              ("masks", "agreement", "mask_sources", "candidates")),
+        _anatomy_step(),
         Step("measure", _measure, ("masks", "hu", "spacing_mm"), ("measurements",)),
         Step("notes", _notes, ("masks", "notes"), ("notes",)),
     ), algorithm_family="ArtificialIntelligence", uses_model=True)

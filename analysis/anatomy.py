@@ -1,0 +1,188 @@
+"""Anatomy as a guard on the final lung masks, whichever segmenter made them.
+
+A lung lies inside the thoracic cavity: inside the body, under the chest wall (never
+at the skin), filled with parenchyma (not the bare -1000 HU of gas), and on the
+patient's own side. Each connected piece of a lung mask that breaks one of these rules
+is dropped, or moved to the other lung when it lies on the other side, and a note
+says so (the node puts the notes into the SR).
+
+The pieces are found on a grid pooled to about 2 mm in-plane: labelling the 3D
+components of a 512x512 series at full resolution costs about a second per lung.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
+
+#: Lung is never this close to the skin: the chest wall (skin, fat, muscle, ribs) is
+#: thicker. A piece mostly within it is air in a skin fold, the axilla or outside.
+MIN_DEPTH_MM = 10.0
+#: Fraction of a piece within MIN_DEPTH_MM of the skin that makes it "at the skin".
+MAX_SHALLOW_FRACTION = 0.5
+#: Parenchyma has a median of about -850 HU (emphysema -950); gas about -1000.
+GAS_MEDIAN_HU = -975.0
+#: A piece whose centre lies this far across the body's midline is on the other side.
+MIDLINE_MARGIN_MM = 10.0
+#: Pieces smaller than this are left alone: the rules need a few voxels to judge.
+MIN_PIECE_ML = 0.5
+_POOLED_MM = 2.0
+_SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A pooled view of the source grid: ``factor`` source pixels per pooled pixel."""
+
+    factor: int
+    spacing_mm: tuple[float, float, float]
+
+    def pool(self, mask: np.ndarray) -> np.ndarray:
+        """True where any source pixel of the pooled pixel is (an OR of strided views:
+        ``any`` over reshaped axes is ten times slower)."""
+        f = self.factor
+        if f == 1:
+            return mask
+        s, r, c = mask.shape
+        out = np.zeros((s, -(-r // f), -(-c // f)), dtype=bool)
+        for i in range(f):
+            for j in range(f):
+                view = mask[:, i::f, j::f]
+                out[:, :view.shape[1], :view.shape[2]] |= view
+        return out
+
+    def full_box(self, box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """The source-grid box of a pooled box."""
+        f = self.factor
+        return (box[0], slice(box[1].start * f, min(box[1].stop * f, shape[1])),
+                slice(box[2].start * f, min(box[2].stop * f, shape[2])))
+
+    def expand(self, pooled: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        f = self.factor
+        if f == 1:
+            return pooled
+        full = np.repeat(np.repeat(pooled, f, axis=1), f, axis=2)
+        return full[:, :shape[1], :shape[2]]
+
+
+def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
+                spacing_mm: tuple[float, float, float], affine: np.ndarray,
+                notes: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The lung masks with every piece that cannot be lung dropped or moved.
+
+    Parameters
+    ----------
+    masks
+        Final masks by label; needs ``body``; ``lung_left``/``lung_right`` if present
+        are checked. Other labels pass unchanged.
+    hu, spacing_mm, affine
+        The volume the masks are on.
+    notes
+        The notes so far; one is added per change.
+    """
+    lungs = [label for label in (LUNG_LEFT, LUNG_RIGHT) if label in masks]
+    if BODY not in masks or not lungs or not any(masks[label].any() for label in lungs):
+        return masks, notes
+    factor = max(1, int(round(_POOLED_MM / min(spacing_mm[1], spacing_mm[2]))))
+    grid = _Grid(factor, (spacing_mm[0], spacing_mm[1] * factor, spacing_mm[2] * factor))
+    body = masks[BODY]
+    pooled_body = grid.pool(body)
+    deep = _deep_body(pooled_body, grid.spacing_mm)
+    # Judged on the pooled grid: HU sampled, patient x of each pooled pixel.
+    pooled_hu = hu[:, ::factor, ::factor]
+    patient_x = _patient_x(affine, pooled_body.shape, factor)
+    midline = _midline_x(pooled_body, patient_x)
+    out, notes = dict(masks), list(notes)
+    moves: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
+    for label in lungs:
+        mask = masks[label] & body  # never outside the body
+        if (outside := int(masks[label].sum() - mask.sum())) * voxel_ml >= MIN_PIECE_ML:
+            notes.append(f"{label}: {outside * voxel_ml:.1f} mL outside the body removed")
+        pooled_labels, _ = ndimage.label(grid.pool(mask), structure=_SIX_CONNECTED)
+        sizes = np.bincount(pooled_labels.ravel())
+        for index, box in enumerate(ndimage.find_objects(pooled_labels), start=1):
+            if box is None or sizes[index] * pooled_ml < MIN_PIECE_ML:
+                continue
+            pooled_piece = pooled_labels[box] == index
+            verdict = _judge(pooled_piece, deep[box], pooled_hu[box], patient_x[box[1:]],
+                             midline[box[0]], label)
+            if verdict is None:
+                continue
+            full = grid.full_box(box, mask.shape)
+            piece = grid.expand(pooled_piece, _shape(full)) & mask[full]
+            ml = float(piece.sum()) * voxel_ml
+            mask[full] &= ~piece
+            if verdict == "other side":
+                other = LUNG_RIGHT if label == LUNG_LEFT else LUNG_LEFT
+                moves.append((other, full, piece))
+                notes.append(f"{label}: a piece of {ml:.1f} mL lies on the patient's "
+                             f"{'right' if label == LUNG_LEFT else 'left'}: moved to {other}")
+            else:
+                notes.append(f"{label}: a piece of {ml:.1f} mL dropped: {verdict}")
+        out[label] = mask
+    for other, full, piece in moves:
+        if other in out:
+            out[other][full] |= piece
+    return out, notes
+
+
+def _shape(box: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(b.stop - b.start for b in box)
+
+
+def _judge(piece: np.ndarray, deep: np.ndarray, hu: np.ndarray, patient_x: np.ndarray,
+           midline: np.ndarray, label: str) -> str | None:
+    """Why ``piece`` is not ``label``, or ``None`` when it may well be.
+
+    Pooled-grid arrays cut to the piece's box; ``midline`` is the body's centre
+    (patient x, mm) on each of the box's slices.
+    """
+    voxels = np.count_nonzero(piece)
+    shallow = 1.0 - np.count_nonzero(piece & deep) / voxels
+    if shallow > MAX_SHALLOW_FRACTION:
+        return (f"{shallow:.0%} of it within {MIN_DEPTH_MM:g} mm of the skin, "
+                "outside the rib cage")
+    if float(np.median(hu[piece])) < GAS_MEDIAN_HU:
+        return "bare gas (median below -975 HU), no lung parenchyma"
+    per_slice = piece.sum(axis=(1, 2))
+    body_x = float(np.average(midline, weights=per_slice))
+    piece_x = float(np.average(np.broadcast_to(patient_x, piece.shape)[piece]))
+    # LPS: +x is the patient's left.
+    across = body_x - piece_x if label == LUNG_LEFT else piece_x - body_x
+    if across > MIDLINE_MARGIN_MM:
+        return "other side"
+    return None
+
+
+def _midline_x(body: np.ndarray, patient_x: np.ndarray) -> np.ndarray:
+    """Per slice, the mean patient x of the body (its overall mean where it is empty)."""
+    counts = body.sum(axis=(1, 2))
+    sums = np.array([float(patient_x[k_body].sum()) for k_body in body])
+    overall = float(sums.sum() / max(counts.sum(), 1))
+    return np.where(counts > 0, sums / np.maximum(counts, 1), overall)
+
+
+def _deep_body(body: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """Per slice, the body without its outer MIN_DEPTH_MM."""
+    ry = max(1, int(round(MIN_DEPTH_MM / spacing_mm[1])))
+    rx = max(1, int(round(MIN_DEPTH_MM / spacing_mm[2])))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rx + 1, 2 * ry + 1))
+    out = np.empty_like(body)
+    for k in range(body.shape[0]):
+        out[k] = cv2.erode(body[k].view(np.uint8), kernel, borderValue=0).astype(bool)
+    return out
+
+
+def _patient_x(affine: np.ndarray, shape: tuple[int, ...], factor: int) -> np.ndarray:
+    """The patient x (LPS, mm) of each pooled in-plane pixel, on the middle slice."""
+    rows, columns = np.meshgrid(np.arange(shape[1]) * factor, np.arange(shape[2]) * factor,
+                                indexing="ij")
+    return affine[0, 0] * (shape[0] // 2) + affine[0, 1] * rows + affine[0, 2] * columns \
+        + affine[0, 3]

@@ -1,0 +1,125 @@
+"""Anatomy as a guard on the lung masks (analysis/anatomy.py): pieces at the skin or of
+bare gas are dropped, pieces on the wrong side move to the other lung, each with a note;
+and left and right follow the patient in mirrored and prone series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom import Dataset
+
+from analysis import pipeline as pl
+from analysis.anatomy import guard_lungs
+from analysis.phantoms.dicom_series import ct_series_datasets
+from analysis.phantoms.trunk import PhantomSpec, make_phantom
+from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, ImageVolume
+from analysis.volume import volume_from_datasets
+
+SPEC = PhantomSpec(slices=12, rows=160, columns=160, pixel_spacing_mm=2.5,
+                   slice_thickness_mm=5.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def chest() -> tuple[ImageVolume, dict[str, np.ndarray]]:
+    volume, _ = volume_from_datasets(ct_series_datasets(make_phantom(SPEC)))
+    result = pl.get_pipeline("ct-body-lungs").run(volume)
+    return volume, result.masks
+
+
+def _guard(volume: ImageVolume, masks: dict[str, np.ndarray]):
+    return guard_lungs(masks, volume.hu, volume.spacing_mm, volume.affine, [])
+
+
+def patient_x(volume: ImageVolume, mask: np.ndarray) -> float:
+    k, r, c = np.argwhere(mask).mean(axis=0)
+    return float((volume.affine @ np.array([k, r, c, 1.0]))[0])
+
+
+def test_the_pipelines_own_lungs_pass_unchanged(chest) -> None:
+    volume, masks = chest
+    guarded, notes = _guard(volume, masks)
+    assert notes == []
+    for label in (BODY, LUNG_LEFT, LUNG_RIGHT):
+        np.testing.assert_array_equal(guarded[label], masks[label])
+
+
+def _blob(shape: tuple[int, ...], centre: tuple[int, int], radius: int) -> np.ndarray:
+    rows, columns = np.ogrid[:shape[1], :shape[2]]
+    disc = (rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= radius ** 2
+    blob = np.zeros(shape, dtype=bool)
+    blob[4:8] = disc
+    return blob
+
+
+def test_air_at_the_skin_is_not_lung(chest) -> None:
+    volume, masks = chest
+    body = masks[BODY]
+    # Just under the anterior skin, on the midline: where a false "lung" along the
+    # abdominal wall sits.
+    column = body.shape[2] // 2
+    top = int(np.flatnonzero(body[6, :, column])[0])
+    blob = _blob(body.shape, (top + 2, column), 2) & body
+    assert blob.any() and not (blob & (masks[LUNG_RIGHT] | masks[LUNG_LEFT])).any()
+    guarded, notes = _guard(volume, {**masks, LUNG_RIGHT: masks[LUNG_RIGHT] | blob})
+    np.testing.assert_array_equal(guarded[LUNG_RIGHT], masks[LUNG_RIGHT])
+    (note,) = notes
+    assert note.startswith("lung_right: a piece of") and "of the skin" in note
+
+
+def test_bare_gas_is_not_lung(chest) -> None:
+    volume, masks = chest
+    # A pocket of gas deep in the body, between the lungs (the mediastinum).
+    lungs = masks[LUNG_LEFT] | masks[LUNG_RIGHT]
+    centre = np.argwhere(masks[BODY][6]).mean(axis=0).astype(int)
+    blob = _blob(lungs.shape, (int(centre[0]), int(centre[1])), 4)
+    assert not (blob & lungs).any()
+    hu = volume.hu.copy()
+    hu[blob] = -1000.0
+    gassy = ImageVolume(hu=hu, spacing_mm=volume.spacing_mm, affine=volume.affine)
+    guarded, notes = _guard(gassy, {**masks, LUNG_LEFT: masks[LUNG_LEFT] | blob})
+    np.testing.assert_array_equal(guarded[LUNG_LEFT], masks[LUNG_LEFT])
+    assert len(notes) == 1 and "bare gas" in notes[0]
+
+
+def test_a_piece_on_the_other_side_moves_to_its_lung(chest) -> None:
+    volume, masks = chest
+    right = masks[LUNG_RIGHT]
+    guarded, notes = _guard(volume, {**masks, LUNG_LEFT: masks[LUNG_LEFT] | right,
+                                     LUNG_RIGHT: np.zeros_like(right)})
+    np.testing.assert_array_equal(guarded[LUNG_RIGHT], right)
+    np.testing.assert_array_equal(guarded[LUNG_LEFT], masks[LUNG_LEFT])
+    assert len(notes) == 1 and "lies on the patient's right: moved to lung_right" in notes[0]
+
+
+def _restored(datasets: list[Dataset], flip_rows: bool, flip_columns: bool) -> list[Dataset]:
+    """The same patient stored mirrored (columns reversed) or as a prone scan is read
+    (rows and columns reversed), with orientation and position saying so."""
+    out = []
+    for ds in datasets:
+        pixels = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.Rows, ds.Columns)
+        spacing = float(ds.PixelSpacing[0])
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        row_cosine, column_cosine = [1, 0, 0], [0, 1, 0]
+        if flip_columns:
+            pixels, x, row_cosine = pixels[:, ::-1], x + (ds.Columns - 1) * spacing, [-1, 0, 0]
+        if flip_rows:
+            pixels, y, column_cosine = pixels[::-1], y + (ds.Rows - 1) * spacing, [0, -1, 0]
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.ImagePositionPatient = [x, y, z]
+        ds.ImageOrientationPatient = row_cosine + column_cosine
+        ds.PatientPosition = "HFP" if flip_rows else "HFS"
+        out.append(ds)
+    return out
+
+
+@pytest.mark.parametrize("flip_rows, flip_columns", [(False, True), (True, True)],
+                         ids=["mirrored", "prone"])
+def test_left_and_right_follow_the_patient(flip_rows: bool, flip_columns: bool) -> None:
+    datasets = _restored(ct_series_datasets(make_phantom(SPEC)), flip_rows, flip_columns)
+    volume, _ = volume_from_datasets(datasets)
+    result = pl.get_pipeline("ct-body-lungs").run(volume)
+    # LPS: the patient's left is +x; the phantom is centred on x = 0.
+    assert patient_x(volume, result.masks[LUNG_LEFT]) > 30
+    assert patient_x(volume, result.masks[LUNG_RIGHT]) < -30
+    for source in ("cnn", "classical"):
+        assert patient_x(volume, result.candidates[source][LUNG_LEFT]) > 30, source
