@@ -276,10 +276,18 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
             raise CLIError(f"--real {item!r}: for --task region give REGION=FOLDER")
         real.append((region, Path(folder)))
     kwargs = {"seed": args.seed, "classifier": args.classifier, "real": real}
+    if args.real_data is not None:
+        if not Path(args.real_data).is_dir():
+            raise CLIError(f"--real-data {args.real_data}: no such folder")
+        kwargs["real_root"] = Path(args.real_data)
     if args.per_region is not None:
         kwargs["per_region"] = args.per_region
     card = train_region(out, **kwargs)
     print(json.dumps({"model": str(out), "metrics": card.get("metrics")}, indent=2))
+    if "real_leave_one_patient_out" in card.get("metrics", {}):
+        from analysis.training.region_real import format_report
+
+        print(format_report(card["metrics"]["real_leave_one_patient_out"]), file=sys.stderr)
     return 0
 
 
@@ -402,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier", choices=["rf", "svm"], default="rf",
                        help="region: random forest or support vector machine")
     train.add_argument("--per-region", type=int, help="region: generated series per region")
+    train.add_argument("--real-data", metavar="DIR",
+                       help="region: the real series of analysis/training/region_real.py "
+                            "under DIR (../shared/data), trained on and evaluated "
+                            "leave-one-patient-out")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

@@ -46,6 +46,7 @@ from analysis.region import (
     build_pipeline,
 )
 from analysis.region_card import CARD_SCHEMA
+from analysis.training import region_real
 from analysis.types import ImageVolume
 from analysis.volume import volume_from_datasets
 
@@ -131,6 +132,8 @@ def train_region(
     cv_folds: int = DEFAULT_CV_FOLDS,
     n_jobs: int = 1,
     phantom_overrides: Mapping[str, object] | None = None,
+    real_root: Path | str | None = None,
+    real_windows: int = region_real.WINDOWS_PER_SERIES,
 ) -> dict[str, Any]:
     """Train the region model, evaluate it and save it with its card to ``out_dir``.
 
@@ -159,6 +162,13 @@ def train_region(
     phantom_overrides
         :func:`analysis.phantoms.regions.make_region_phantom` overrides for every phantom,
         e.g. ``{"matrix": 128}`` for fast tests; recorded in the card.
+    real_root
+        A folder holding the real series of :data:`region_real.REAL_SERIES`
+        (``../shared/data``): their windows join the training set, and each real
+        patient is evaluated by a model trained without them (leave one patient out),
+        recorded in the card's ``metrics.real_leave_one_patient_out``.
+    real_windows
+        Windows cut from each real series.
 
     Returns
     -------
@@ -172,9 +182,19 @@ def train_region(
     x_train, y_train = _synthetic_set(per_region, seed, overrides, n_jobs, held_back=False)
     x_test, y_test = _synthetic_set(test_per_region, seed, overrides, n_jobs, held_back=True)
     real_rows, real_record = _real_set(real)
+    x_synthetic, y_synthetic = x_train, y_train
     if real_rows:
         x_train = np.vstack([x_train, np.array([row for row, _ in real_rows])])
         y_train = np.concatenate([y_train, np.array([label for _, label in real_rows])])
+    windows: list[region_real.RealRow] = []
+    if real_root is not None:
+        windows, windows_record = region_real.real_rows(Path(real_root), load_series, seed,
+                                                        real_windows)
+        real_record += windows_record
+        x_real, y_real = region_real.trainable(windows)
+        if len(y_real):
+            x_train = np.vstack([x_train, x_real])
+            y_train = np.concatenate([y_train, y_real])
     log.info(
         "features of %d training and %d held-back series in %.1f s",
         len(y_train),
@@ -202,6 +222,17 @@ def train_region(
         held_back=_held_back(pipeline, x_test, y_test, threshold),
         reference=_reference_rows(x_train, per_region, seed),
     )
+    if windows:
+        with _constant_features_allowed():
+            per_patient = region_real.leave_one_patient_out(pipeline, x_synthetic, y_synthetic,
+                                                            windows, threshold)
+        model_card["metrics"]["real_leave_one_patient_out"] = {
+            "patients": per_patient, **region_real.summary(per_patient),
+            "windows_per_series": real_windows,
+            "note": "each real patient predicted by a model trained on the phantoms and the "
+                    "other real patients only; 'other' patients (limbs) are never trained "
+                    "on and count as right when the model answers 'other'",
+        }
     model = RegionModel(pipeline, model_card)
     model.save(out_dir)
     log.info("trained and saved to %s in %.1f s", out_dir, time.monotonic() - started)
@@ -341,7 +372,10 @@ def _card(
         f"python -m analysis.training.region --out DIR --classifier {classifier} "
         f"--per-region {per_region} --seed {seed}"
     )
-    command += "".join(f" --real {r['region']}={r['folder']}" for r in real)
+    command += "".join(f" --real {r['region']}={r['folder']}" for r in real
+                       if "patient" not in r)
+    if any("patient" in r for r in real):
+        command += " --real-data DATA"  # the folder holding region_real.REAL_SERIES
     if k != DEFAULT_K:
         command += f" --k {k}"
     return {
@@ -470,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="below this top probability the label is 'other'",
     )
     parser.add_argument("--jobs", type=int, default=1, help="processes for phantoms and features")
+    parser.add_argument("--real-data", type=Path, metavar="DIR",
+                        help="folder of the real series in region_real.REAL_SERIES "
+                             "(../shared/data): trained on, and evaluated leave-one-patient-out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     card = train_region(
@@ -482,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         k=args.k,
         threshold=args.threshold,
         n_jobs=args.jobs,
+        real_root=args.real_data,
     )
     m = card["metrics"]
     print(f"wrote {args.out}/model.joblib and card.json")
@@ -493,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for region, row in zip(REGIONS, m["held_back_confusion"]["matrix"], strict=True):
         print(f"  {region:8s} {row}")
     print("selected features:", ", ".join(card["features"]["selected"]))
+    if "real_leave_one_patient_out" in m:
+        print(region_real.format_report(m["real_leave_one_patient_out"]))
     return 0
 
 
