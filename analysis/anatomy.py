@@ -43,12 +43,18 @@ class _Grid:
     spacing_mm: tuple[float, float, float]
 
     def pool(self, mask: np.ndarray) -> np.ndarray:
-        """True where any source pixel of the pooled pixel is (an OR of strided views:
-        ``any`` over reshaped axes is ten times slower)."""
+        """True where any source pixel of the pooled pixel is."""
         f = self.factor
         if f == 1:
             return mask
         s, r, c = mask.shape
+        if r % f == 0 and c % f == 0:
+            # Area averaging over whole f x f cells: non-zero where any pixel is set.
+            # OpenCV does a 512x512 slice in well under a millisecond.
+            size = (c // f, r // f)
+            # (255 for set pixels, so one of f*f still averages above zero.)
+            return np.stack([cv2.resize(mask[k].view(np.uint8) * np.uint8(255), size,
+                                        interpolation=cv2.INTER_AREA) > 0 for k in range(s)])
         out = np.zeros((s, -(-r // f), -(-c // f)), dtype=bool)
         for i in range(f):
             for j in range(f):
@@ -88,7 +94,7 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     lungs = [label for label in (LUNG_LEFT, LUNG_RIGHT) if label in masks]
     if BODY not in masks or not lungs or not any(masks[label].any() for label in lungs):
         return masks, notes
-    factor = max(1, int(round(_POOLED_MM / min(spacing_mm[1], spacing_mm[2]))))
+    factor = _factor(masks[BODY].shape, min(spacing_mm[1], spacing_mm[2]))
     grid = _Grid(factor, (spacing_mm[0], spacing_mm[1] * factor, spacing_mm[2] * factor))
     body = masks[BODY]
     pooled_body = grid.pool(body)
@@ -131,6 +137,13 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
         if other in out:
             out[other][full] |= piece
     return out, notes
+
+
+def _factor(shape: tuple[int, ...], pixel_mm: float) -> int:
+    """Pooling to about 2 mm; a factor that divides the matrix pools fastest."""
+    target = max(1, int(round(_POOLED_MM / pixel_mm)))
+    dividing = [f for f in range(2, target + 1) if shape[1] % f == 0 and shape[2] % f == 0]
+    return max(dividing) if dividing else target
 
 
 def _shape(box: tuple[slice, ...]) -> tuple[int, ...]:
