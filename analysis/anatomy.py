@@ -6,7 +6,7 @@ patient's own side. Each connected piece of a lung mask that breaks one of these
 is dropped, or moved to the other lung when it lies on the other side, and a note
 says so (the node puts the notes into the SR).
 
-The pieces are found on a grid pooled to about 2 mm in-plane: labelling the 3D
+The pieces are found on a grid pooled to about 3 mm in-plane: labelling the 3D
 components of a 512x512 series at full resolution costs about a second per lung.
 """
 
@@ -31,7 +31,7 @@ GAS_MEDIAN_HU = -975.0
 MIDLINE_MARGIN_MM = 10.0
 #: Pieces smaller than this are left alone: the rules need a few voxels to judge.
 MIN_PIECE_ML = 0.5
-_POOLED_MM = 2.0
+_POOLED_MM = 3.0
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 
 
@@ -140,7 +140,7 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
 
 
 def _factor(shape: tuple[int, ...], pixel_mm: float) -> int:
-    """Pooling to about 2 mm; a factor that divides the matrix pools fastest."""
+    """Pooling to about 3 mm; a factor that divides the matrix pools fastest."""
     target = max(1, int(round(_POOLED_MM / pixel_mm)))
     dividing = [f for f in range(2, target + 1) if shape[1] % f == 0 and shape[2] % f == 0]
     return max(dividing) if dividing else target
