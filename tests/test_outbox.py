@@ -163,6 +163,7 @@ def test_circuit_opens_probes_and_the_backlog_flows(make_node: Any, tmp_path: Pa
 
 def _dashboard_row(page: str, name: str) -> str:
     """The dashboard's table row of one destination."""
+    assert page.count('id="destinations"') == 1, f"{len(page)} characters, table repeated"
     table = page[page.index('id="destinations"'):]
     rows = [r for r in table.split("<tr>") if f">{name}</a>" in r]
     assert rows, table[:2000]
