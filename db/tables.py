@@ -271,6 +271,9 @@ class Job(Base):
     #: The process working on it (running/sending) and until when its lease holds.
     owner: Mapped[str | None] = mapped_column(String(36))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: ``jobs.executor: celery``: when its task was last sent to the broker (NULL: not
+    #: yet, or queued again after an interrupted run).
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_jobs_status", "status", "id"),
                       Index("ix_jobs_finished", "finished_at"))

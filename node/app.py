@@ -255,23 +255,47 @@ class Node:
         self._stops.append(web.stop)
 
     def _start_workflow(self, engine: Engine, lease: Any) -> Callable[[Any], None]:
-        """Check the models in a worker, start the job runner and the outbox (a sender per
-        destination); returns what wakes the runner."""
-        from node.workflow import delivery, jobs
+        """Start what turns stable studies into results; returns what wakes it.
+
+        With the process (or inline) executor: check the models in a worker, start the
+        job runner and the outbox (a sender per destination). With ``jobs.executor:
+        celery``: only the enqueuer, which routes and sends tasks to the broker; the
+        ``pacsnode worker`` processes analyse and deliver.
+        """
+        if self.settings.jobs.executor == "celery":
+            return self._start_enqueuer(engine)
+        from node.workflow import delivery
         from node.workflow.executor import make_executor
+        from node.workflow.runner import JobRunner
 
         settings = self.settings
         executor = make_executor(settings)
         self._stops.append(executor.shutdown)
         executor.check_models()
         sender = self._sender = delivery.Outbox(engine, settings, lease)
-        runner = self._runner = jobs.JobRunner(engine, settings, executor, lease,
-                                               on_job_end=sender.wake.set)
+        runner = self._runner = JobRunner(engine, settings, executor, lease,
+                                          on_job_end=sender.wake.set)
         sender.start()
         self._stops.append(sender.stop)
         runner.start()
         self._stops.append(runner.stop)
         return lambda _uids: runner.wake.set()
+
+    def _start_enqueuer(self, engine: Engine) -> Callable[[Any], None]:
+        from db.tables import utcnow
+        from node.workflow import breaker, broker
+        from node.workflow.enqueue import Enqueuer
+
+        app = broker.make_app(self.settings)
+        breaker.ensure(engine, [dest.name for dest in self.settings.destinations], utcnow())
+        enqueuer = self._runner = Enqueuer(engine, self.settings, app)
+        enqueuer.start()
+        self._stops.append(enqueuer.stop)
+        self._stops.append(lambda: app.close())
+        log.info("jobs go to the broker at %s (queues %s.analysis, %s.delivery): "
+                 "'pacsnode worker' runs them", _hide_password(self.settings.jobs.broker_url),
+                 self.settings.jobs.queue_prefix, self.settings.jobs.queue_prefix)
+        return lambda _uids: enqueuer.wake.set()
 
     def _start_heartbeat(self, engine: Engine, lease: Any, audit: Any, index: Any,
                          store: Any) -> None:
@@ -286,7 +310,8 @@ class Node:
 
         def wake() -> None:
             self._runner.wake.set()
-            self._sender.wake.set()
+            if self._sender is not None:
+                self._sender.wake.set()
 
         heartbeat = leases.Heartbeat(engine, lease, [
             associations,
@@ -347,6 +372,18 @@ def _check_destination_tls(settings: Settings) -> None:
         peer = destination_peer(settings, dest)
         if peer.tls is not None:
             peer.tls.context()
+
+
+def _hide_password(url: str | None) -> str:
+    """A broker URL for the log: its password replaced."""
+    from sqlalchemy.engine import make_url
+
+    if not url:
+        return "-"
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not SQLAlchemy's syntax: say only where it is
+        return url.split("@")[-1]
 
 
 def _loopback(host: str) -> bool:

@@ -109,6 +109,19 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from node.workflow.broker import KINDS
+    from node.workflow.celery_worker import run_worker
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if not queues or any(q not in KINDS for q in queues):
+        raise CLIError(f"--queues {args.queues!r}: give one or both of "
+                       f"{', '.join(KINDS)}, comma-separated")
+    run_worker(settings, args.concurrency or settings.jobs.workers, queues,
+               settings.logging.level)
+    return 0
+
+
 def _reload(node: Any, args: argparse.Namespace) -> None:
     """SIGHUP: read the configuration again and apply what can change while running."""
     try:
@@ -359,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the DICOM node")
     serve.set_defaults(func=cmd_serve)
 
+    worker = commands.add_parser(
+        "worker", parents=[common],
+        help="run analysis and delivery tasks from the broker (jobs.executor: celery)")
+    worker.add_argument("--concurrency", type=int, default=0, metavar="N",
+                        help="worker processes (default: jobs.workers)")
+    worker.add_argument("--queues", default="analysis,delivery", metavar="KINDS",
+                        help="analysis, delivery or both (default: both)")
+    worker.set_defaults(func=cmd_worker)
+
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     _add_peer_options(echo)
     echo.set_defaults(func=cmd_echo)
@@ -458,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         if settings.logging.level != "DEBUG":
             logging.getLogger("alembic").setLevel(logging.WARNING)
             # pynetdicom logs every PDU at INFO; client commands report failures themselves.
-            quiet = logging.WARNING if args.command in ("serve", "web") else logging.CRITICAL
+            quiet = logging.WARNING if args.command in ("serve", "web", "worker") \
+                else logging.CRITICAL
             logging.getLogger("pynetdicom").setLevel(quiet)
         return int(args.func(settings, args))
     except ConfigError as exc:

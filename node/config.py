@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 from analysis.types import DEFAULT_FINAL_MASK
 from node.config_web import AuditConfig, WebConfig
+from node.config_workflow import DeliveryConfig, JobsConfig
 
 CONFIG_ENV = "PACSNODE_CONFIG"
 ENV_PREFIX = "PACSNODE__"
@@ -361,67 +362,6 @@ class ResultsConfig(_Section):
         if "\\" in value or any(ord(c) < 32 for c in value):
             raise ValueError("must not contain a backslash or control characters (DICOM LO)")
         return value
-
-
-class JobsConfig(_Section):
-    """Where and how series are analysed."""
-
-    executor: str = Field("process", pattern="^(process|inline)$")
-    workers: int = Field(1, ge=1, description="analysis processes")
-    max_attempts: int = Field(
-        3, ge=1, description="runs of a job interrupted by crashes or timeouts before it is failed"
-    )
-    poll_interval_s: float = Field(1.0, gt=0)
-    lease_s: float = Field(
-        30.0, ge=1, description="how long work (jobs, deliveries, associations) stays a "
-        "process's without its heartbeat; then any process takes it over"
-    )
-    timeout_s: float = Field(
-        600.0, gt=0, description="a job running longer has its worker killed and replaced"
-    )
-
-
-class DeliveryConfig(_Section):
-    """The outbox: a sender per destination; failed sends retried with exponential
-    backoff and jitter for ``max_age_h``; ``breaker_failures`` failed rounds in a row
-    open a destination's circuit: one probe per backoff interval, until one succeeds."""
-
-    retry_initial_s: float = Field(5.0, gt=0, description="backoff after the first failure")
-    retry_max_s: float = Field(600.0, gt=0, description="the longest backoff")
-    retry_jitter: float = Field(
-        0.2, ge=0, lt=1, description="each backoff is scaled by a random factor in "
-        "1 +- retry_jitter, so senders that failed together do not retry together"
-    )
-    max_age_h: float = Field(
-        72.0, gt=0, description="a delivery not confirmed this long after it was queued is failed"
-    )
-    connect_timeout_s: float = Field(
-        10.0, gt=0, description="TCP connect, and the A-ASSOCIATE answer, each within this"
-    )
-    breaker_failures: int = Field(
-        5, ge=1, description="failed rounds in a row that open a destination's circuit"
-    )
-    commitment_timeout_s: float = Field(
-        600.0, gt=0, description="Storage Commitment asked again if no report came by then"
-    )
-    poll_interval_s: float = Field(1.0, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _removed_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_attempts" in data:
-            raise ValueError(
-                "max_attempts was removed: a delivery is now retried for "
-                "delivery.max_age_h hours (default 72), then failed; set "
-                "delivery.max_age_h instead")
-        return data
-
-    @model_validator(mode="after")
-    def _backoff_range(self) -> Self:
-        if self.retry_max_s < self.retry_initial_s:
-            raise ValueError(f"retry_max_s ({self.retry_max_s:g}) must be at least "
-                             f"retry_initial_s ({self.retry_initial_s:g})")
-        return self
 
 
 class LoggingConfig(_Section):

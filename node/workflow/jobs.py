@@ -1,26 +1,22 @@
 """Jobs: one row per series per stable point, from routing to done, failed or skipped.
 
 The database is the queue: a stable study's series are routed into job rows
-(:func:`queue_stable_studies`), :class:`JobRunner` claims queued rows and hands their
-ids to an executor (:mod:`node.workflow.executor`), and the worker that runs a job records
-its outcome itself (:mod:`node.workflow.analyze`). Nothing about a job lives only in memory,
-so a crash or restart loses nothing: a running job is leased by the process that
+(:func:`queue_stable_studies`); a :class:`~node.workflow.runner.JobRunner` claims
+queued rows and hands their ids to an executor (:mod:`node.workflow.executor`), or,
+with ``jobs.executor: celery``, :mod:`node.workflow.enqueue` sends their ids to the
+broker and a worker claims each itself (:func:`claim_job`). The worker that runs a job
+records its outcome (:mod:`node.workflow.worker`). Nothing about a job lives only in
+memory, so a crash or restart loses nothing: a running job is leased by the process that
 claimed it (:mod:`node.leases`), and :func:`take_over_expired` puts the jobs of a
 process whose lease ran out back in the queue, whichever process on whichever host
-notices first. Celery workers can later take the executor's place without a change
-here.
+notices first.
 """
-
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +311,53 @@ def claim_jobs(engine: Engine, limit: int, lease: Lease) -> list[int]:
     return list(ids)
 
 
+def claim_job(engine: Engine, job_id: int, lease: Lease) -> str:
+    """Take one queued job for this process (a Celery worker given its id).
+
+    Returns ``"claimed"``; ``"waiting"`` if another job of its series is running (it
+    follows that one); ``"running"`` if a process holds it already (should that process
+    die, the lease takeover queues it again); or ``"gone"`` if it ended or was
+    superseded. Tasks are only nudges, so a duplicate is one of the last two.
+    """
+    now = utcnow()
+    other = aliased(_jobs)
+    series_busy = exists().where(other.c.series_fk == _jobs.c.series_fk) \
+        .where(other.c.status == JobStatus.RUNNING.value).where(other.c.id != job_id)
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(_jobs.c.status, series_busy.label("busy")).where(_jobs.c.id == job_id)
+            .with_for_update(of=_jobs)).first()
+        if row is None or row.status not in ACTIVE:
+            return "gone"
+        if row.status == JobStatus.RUNNING.value:
+            return "running"
+        if row.busy:
+            return "waiting"
+        conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
+            status=JobStatus.RUNNING.value, attempt=_jobs.c.attempt + 1, started_at=None,
+            **lease.claim(now)))
+    return "claimed"
+
+
+def take_to_enqueue(conn: Connection, now: datetime, requeue_after_s: float,
+                    limit: int = 500) -> list[int]:
+    """Queued jobs whose task was never sent, or sent ``requeue_after_s`` ago and not
+    yet taken (the broker may have lost it): locked, for the caller to send and stamp
+    (:func:`stamp_enqueued`) in its transaction, so a receiver that dies between the
+    two leaves them to be sent again."""
+    stale = now - timedelta(seconds=requeue_after_s)
+    return list(conn.execute(
+        select(_jobs.c.id).where(_jobs.c.status == JobStatus.QUEUED.value)
+        .where(_jobs.c.enqueued_at.is_(None) | (_jobs.c.enqueued_at < stale))
+        .order_by(_jobs.c.id).limit(limit).with_for_update(skip_locked=True)
+    ).scalars())
+
+
+def stamp_enqueued(conn: Connection, job_ids: list[int], now: datetime) -> None:
+    if job_ids:
+        conn.execute(update(_jobs).where(_jobs.c.id.in_(job_ids)).values(enqueued_at=now))
+
+
 def load_job(engine: Engine, data_dir: Path, job_id: int) -> JobSpec:
     with engine.connect() as conn:
         job = conn.execute(
@@ -405,7 +448,7 @@ def requeue_or_fail(conn: Connection, job_id: int, attempt: int, max_attempts: i
                    {}, now)
         return False
     conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(
-        status=JobStatus.QUEUED.value, reason=why, **released()))
+        status=JobStatus.QUEUED.value, reason=why, enqueued_at=None, **released()))
     return True
 
 
@@ -424,145 +467,3 @@ def take_over_expired(engine: Engine, now: datetime, max_attempts: int) -> int:
             requeue_or_fail(conn, job_id, attempt, max_attempts,
                             "interrupted: its process died or lost its lease", now)
     return len(rows)
-
-
-# -- the runner -----------------------------------------------------------------------
-
-
-class JobRunner(threading.Thread):
-    """Routes stable studies and keeps the executor fed with queued jobs.
-
-    Parameters
-    ----------
-    engine, settings
-        The node's database and configuration.
-    executor
-        Where jobs run (:mod:`node.workflow.executor`): ``submit(job_id)`` returns a
-        future that ends when the worker has recorded the job's outcome; ``kill(job_id)``
-        stops the worker running it (a job over ``jobs.timeout_s``).
-    lease
-        This process's identity: claimed jobs are leased to it.
-    on_job_end
-        Called after each job, e.g. to wake the delivery worker.
-    """
-
-    def __init__(
-        self, engine: Engine, settings: Settings, executor: Any, lease: Lease,
-        on_job_end: Callable[[], None] = lambda: None,
-    ) -> None:
-        super().__init__(name="job-runner", daemon=True)
-        self.engine = engine
-        self.settings = settings
-        self.executor = executor
-        self.lease = lease
-        self.on_job_end = on_job_end
-        self.wake = threading.Event()
-        self._stop_event = threading.Event()
-        self._running: dict[int, float] = {}  # job id -> time.monotonic() at submit
-        self._timed_out: set[int] = set()
-        self._lock = threading.Lock()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self._tick()
-            except Exception:  # a database outage must not kill the runner
-                log.exception("job runner: retrying in %s s", self.settings.jobs.poll_interval_s)
-            self.wake.wait(self.settings.jobs.poll_interval_s)
-            self.wake.clear()
-
-    def _tick(self) -> None:
-        self._stop_overdue()
-        if self._stop_event.is_set():
-            return
-        if queued := queue_stable_studies(self.engine, self.settings):
-            log.info("queued %s jobs", len(queued))
-        with self._lock:
-            free = self.executor.capacity - len(self._running)
-        for job_id in claim_jobs(self.engine, free, self.lease):
-            with self._lock:
-                self._running[job_id] = time.monotonic()
-            future = self.executor.submit(job_id)
-            future.add_done_callback(lambda f, job_id=job_id: self._ended(job_id, f))
-
-    def _stop_overdue(self) -> None:
-        """Kill the worker of a job over ``jobs.timeout_s``; the job ends in _ended.
-
-        Counted from when the worker began the job (:func:`mark_started`), not from the
-        claim: a freshly started worker first spends seconds loading its libraries and
-        models. A worker that never begins it gets ``_STARTUP_S`` more.
-        """
-        limit = self.settings.jobs.timeout_s
-        with self._lock:
-            running = {job_id: submitted for job_id, submitted in self._running.items()
-                       if job_id not in self._timed_out}
-        if not running:
-            return
-        now, clock = utcnow(), time.monotonic()
-        with self.engine.connect() as conn:
-            started = conn.execute(
-                select(_jobs.c.id, _jobs.c.started_at).where(_jobs.c.id.in_(list(running)))
-                .where(_jobs.c.status == JobStatus.RUNNING.value)).all()
-        overdue = [job_id for job_id, at in started
-                   if ((now - at).total_seconds() > limit if at is not None
-                       else clock - running[job_id] > limit + _STARTUP_S)]
-        with self._lock:
-            self._timed_out.update(overdue)
-        for job_id in overdue:
-            log.error("job %s: running for over %s s (jobs.timeout_s); stopping its worker",
-                      job_id, _seconds(limit))
-            if not self.executor.kill(job_id):
-                log.error("job %s: this executor cannot stop a running job", job_id)
-
-    def _ended(self, job_id: int, future: Future[None]) -> None:
-        with self._lock:
-            self._running.pop(job_id, None)
-            timed_out = job_id in self._timed_out
-            self._timed_out.discard(job_id)
-        error = future.exception()
-        if timed_out or error is not None:
-            # The worker records its own failures; reaching here means it died (killed
-            # for its timeout, out of memory) or could not reach the database.
-            if timed_out:
-                why = f"timed out after {_seconds(self.settings.jobs.timeout_s)} s"
-            elif self._stop_event.is_set():
-                why = "interrupted: the node stopped while it ran"
-            else:
-                why = f"worker died: {error!r}"
-            log.error("job %s: %s", job_id, why)
-            try:
-                self._requeue_or_fail(job_id, why)
-            except Exception:
-                log.exception("job %s: cannot record the worker's failure", job_id)
-        self.on_job_end()
-        self.wake.set()
-
-    def _requeue_or_fail(self, job_id: int, why: str) -> None:
-        with self.engine.begin() as conn:
-            attempt = conn.execute(
-                select(_jobs.c.attempt).where(_jobs.c.id == job_id)
-                .where(_jobs.c.status == JobStatus.RUNNING.value)
-                .where(_jobs.c.owner == self.lease.owner)
-            ).scalar_one_or_none()
-            if attempt is not None:
-                requeue_or_fail(conn, job_id, attempt, self.settings.jobs.max_attempts, why,
-                                utcnow())
-
-    @property
-    def running(self) -> int:
-        with self._lock:
-            return len(self._running)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.wake.set()
-        if self.is_alive():
-            self.join(timeout=10)
-
-
-#: How long a worker may take to begin a claimed job (start-up: libraries, models).
-_STARTUP_S = 120.0
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}"

@@ -192,8 +192,9 @@ def _record_done(engine: Any, job_id: int, destinations: list[str],
         finish_job(conn, job_id, JobStatus.DONE, note, timings, now, owner=owner)
 
 
-def run_job(job_id: int) -> None:
-    """Run one claimed job and record its outcome (done or failed) in the database."""
+def run_job(job_id: int, reraise: tuple[type[BaseException], ...] = ()) -> None:
+    """Run one claimed job and record its outcome (done or failed) in the database;
+    exceptions of the ``reraise`` types (an interruption the caller records) propagate."""
     from node.workflow.jobs import fail_job, load_job, mark_started
 
     assert _worker is not None, "init_worker was not called in this process"
@@ -229,6 +230,8 @@ def run_job(job_id: int) -> None:
     except LeaseLost:
         log.warning("job %s: taken over by another process meanwhile; its run counts, "
                     "not this one", job_id)
+    except reraise:
+        raise
     except Exception as exc:
         log.exception("job %s failed", job_id)
         fail_job(engine, job_id, f"{type(exc).__name__}: {exc}", owner=spec.owner)
