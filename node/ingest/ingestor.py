@@ -33,9 +33,9 @@ from node.ingest.header import (
 )
 from node.ingest.index import InstanceIndex
 from node.ingest.storage import (
-    InstanceStore,
     StagedFile,
     StagingWriter,
+    Storage,
     StorageError,
     file_meta_bytes,
 )
@@ -73,7 +73,7 @@ class Ingestor:
 
     def __init__(
         self,
-        store: InstanceStore,
+        store: Storage,
         index: InstanceIndex,
         audit: AssociationLog | None = None,
         workers: int = 64,

@@ -4,6 +4,14 @@ Layout: ``<data_dir>/studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. A fi
 written under a temporary name and fsync'ed, then linked into place and its folder
 fsync'ed, so that once it is placed the file survives a crash or power loss, and a
 reader never sees a partial file.
+
+On a shared file system (NFS v3/v4, a ReadWriteMany volume) the same holds across hosts
+when the server commits what it acknowledges (NFS export option ``sync``, the default;
+never ``async``) and the clients mount ``hard``: fsync of a file sends an NFS COMMIT
+and returns once the server has it on stable storage; link and rename are atomic
+operations of the server, done before it answers; and close-to-open consistency lets
+a worker on another host read a file whole once the receiver has closed it, which it
+has before the database row that names the file commits.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.dicom.codec import file_meta_group
@@ -143,8 +151,50 @@ class StagingWriter:
             self._fd = None
 
 
+class Storage(Protocol):
+    """What the node needs of where instances and results are kept.
+
+    :class:`InstanceStore` (a folder: a local disk, or a shared file system such as NFS
+    or a Kubernetes ReadWriteMany volume mounted by every receiver and worker) is the
+    one implementation; an object store would implement the same calls. The contract:
+
+    - a *staged* copy is private to its writer and durable once sealed;
+    - :meth:`place` and :meth:`publish` make it visible under its name atomically
+      (never a partial file) and durably before they return; :meth:`place` never
+      replaces an existing instance, so two receivers filing the same instance at once
+      keep one;
+    - :meth:`absolute` gives readers (analysis, delivery) a local path to open.
+    """
+
+    def relative_path(self, study_uid: str, series_uid: str,
+                      sop_uid: str) -> PurePosixPath: ...
+
+    def absolute(self, relative: PurePosixPath | str) -> Path: ...
+
+    def exists(self, relative: PurePosixPath | str) -> bool: ...
+
+    def open_staging(self) -> StagingWriter: ...
+
+    def scratch(self) -> BinaryIO: ...
+
+    def stage(self, parts: list[bytes | memoryview]) -> StagedFile: ...
+
+    def place(self, staged: StagedFile, relative: PurePosixPath) -> bool: ...
+
+    def publish(self, staged: StagedFile, relative: PurePosixPath) -> None: ...
+
+    def sync_folder(self, relative: PurePosixPath) -> None: ...
+
+    def discard(self, staged: StagedFile) -> None: ...
+
+    def remove(self, relative: PurePosixPath | str) -> None: ...
+
+    def clean_incoming(self, older_than_s: float = 3600.0) -> int: ...
+
+
 class InstanceStore:
-    """Files instances under ``data_dir`` and never writes outside it.
+    """Files instances under ``data_dir`` and never writes outside it (:class:`Storage`
+    on a folder).
 
     An instance is first *staged*: written and fsync'ed under a temporary name in
     ``<data_dir>/incoming`` (this needs nothing from the dataset's header, so it runs
