@@ -9,9 +9,11 @@ configuration, the database, the store, its own lease identity with a heartbeat
   and runs it exactly as the process executor does (:func:`node.workflow.worker.run_job`);
   a task for a job that already ended, or that another worker holds, is a no-op. A job
   over ``jobs.timeout_s`` is interrupted and queued again (up to ``jobs.max_attempts``).
-  When it is done, a ``deliver`` task is sent for each of its destinations.
+  When it is done, its results are sent at once from the same process, so they never
+  wait behind other jobs in a busy queue.
 - ``deliver(destination)`` runs the destination's outbox rounds
-  (:class:`node.workflow.delivery.DestinationSender`) until nothing more is due.
+  (:class:`node.workflow.delivery.DestinationSender`) until nothing more is due: the
+  retries, probes and Storage Commitment requests that receivers nudge.
 
 Tasks are acknowledged when they end: a worker killed mid-job leaves its message to the
 broker and its job to the lease takeover, so another worker runs it.
@@ -112,7 +114,7 @@ def analyse(task: Any, job_id: int) -> None:
         worker.run_job(job_id, reraise=(SoftTimeLimitExceeded,))
     except SoftTimeLimitExceeded:
         _timed_out(process, job_id)
-    _nudge_deliveries(process, job_id)
+    _deliver_results(process, job_id)
 
 
 def _timed_out(process: _Process, job_id: int) -> None:
@@ -131,7 +133,10 @@ def _timed_out(process: _Process, job_id: int) -> None:
                             f"timed out after {limit:g} s", utcnow())
 
 
-def _nudge_deliveries(process: _Process, job_id: int) -> None:
+def _deliver_results(process: _Process, job_id: int) -> None:
+    """Send the job's results now, from this process: they never wait in the delivery
+    queue behind other jobs' analysis. What cannot go now (the PACS is down) is retried
+    by ``deliver`` tasks, which the receivers send while something is due."""
     from db.tables import Delivery, DeliveryStatus, Result
 
     with process.engine.connect() as conn:
@@ -141,9 +146,9 @@ def _nudge_deliveries(process: _Process, job_id: int) -> None:
             .where(Delivery.status == DeliveryStatus.PENDING.value).distinct()).scalars().all()
     for name in names:
         try:
-            broker.send(process.app, process.settings, broker.DELIVER, name)
-        except Exception as exc:  # the receivers' enqueuers nudge it again soon
-            log.warning("could not send the delivery task for %s: %s", name, exc)
+            deliver(name)
+        except Exception:  # recorded as the delivery's failure where it could be
+            log.exception("job %s: delivering to %s failed; it is retried", job_id, name)
 
 
 def deliver(destination: str) -> None:
