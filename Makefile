@@ -39,6 +39,7 @@ bench: install peers
 	$(PY) bench/run.py --tls
 	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) var bench/out
