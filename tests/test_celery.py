@@ -229,3 +229,32 @@ def test_a_study_through_a_worker(make_node: Any, make_worker: Any, postgres_url
     assert detail["status"] == "analyzed"
     assert [d["status"] for r in detail["series"][0]["analysis"]["results"]
             for d in r["deliveries"]] == ["sent", "sent"]
+
+
+def test_a_job_over_its_timeout_on_a_worker_is_retried_then_failed(
+        make_node: Any, make_worker: Any, postgres_url: str, orthanc: Orthanc, prefix: str,
+        tmp_path: Path) -> None:
+    from tests.test_job_timeout import slow_model
+    from tests.test_models_cli import user_card
+
+    require_tool("storescu")
+    _reachable(RABBITMQ_URL)
+    slow_model(tmp_path / "slow.keras")
+    user_card(tmp_path / "slow.json")
+    env = celery_env(RABBITMQ_URL, prefix, orthanc)
+    env.update({
+        "PACSNODE__MODELS": json.dumps([{"name": "slow", "path": str(tmp_path / "slow.keras"),
+                                         "card": str(tmp_path / "slow.json")}]),
+        "PACSNODE__ROUTES": json.dumps([{"name": "slow", "match": {"modality": "CT"},
+                                         "pipeline": "cnn", "model": "slow"}]),
+        "PACSNODE__JOBS__TIMEOUT_S": "6", "PACSNODE__JOBS__MAX_ATTEMPTS": "2"})
+    node = make_node(db_url=postgres_url, stable_age_s=1.0, extra_env=env)
+    make_worker(node)
+    info = write_ct_series(make_phantom(PhantomSpec(slices=96, rows=64, columns=64,
+                                                    pixel_spacing_mm=6.0, seed=2)),
+                           tmp_path / "ct")
+    node.storescu(*info.paths)
+    (job,) = wait_until(lambda: [j for j in _jobs_of(postgres_url, info.study_instance_uid)
+                                 if j["status"] == "failed"], 240, "the job to fail")
+    assert job["attempt"] == 2
+    assert job["reason"] == "timed out after 6 s (2 attempts); giving up"
