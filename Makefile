@@ -18,18 +18,23 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/pacsnode serve
 
-## The real peers the tests and benchmarks use: DCMTK, Orthanc, dicom3tools, and
+## The real peers the tests and benchmarks use: DCMTK, Orthanc, dicom3tools,
 ## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; it
-## downloads no browser of its own).
+## downloads no browser of its own), and docker-compose and kubectl, which
+## tests/test_deploy.py runs offline to validate deploy/ (no Docker daemon needed).
+## Debian's kubectl is the package kubernetes-client; it is added only when no kubectl
+## is on PATH, since another kubectl package would conflict with it over /usr/bin/kubectl.
 peers:
 	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
 	    && command -v storescp >/dev/null && command -v Orthanc >/dev/null \
-	    && command -v dciodvfy >/dev/null && [ -x /usr/bin/chromium ]; then \
-	  echo "peers present: DCMTK, Orthanc, dicom3tools, Chromium"; \
+	    && command -v dciodvfy >/dev/null && [ -x /usr/bin/chromium ] \
+	    && command -v docker-compose >/dev/null && command -v kubectl >/dev/null; then \
+	  echo "peers present: DCMTK, Orthanc, dicom3tools, Chromium, docker-compose, kubectl"; \
 	else \
+	  kubectl=$$(command -v kubectl >/dev/null || echo kubernetes-client); \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    dcmtk orthanc dicom3tools chromium >/dev/null; \
+	    dcmtk orthanc dicom3tools chromium docker-compose $$kubectl >/dev/null; \
 	fi
 
 test: install peers
