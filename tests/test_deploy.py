@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from node.config import JobsConfig, Settings, load_settings
+from node.config import Settings, load_settings
 from tests.conftest import free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,14 +46,6 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 UID = 10001
 PACSNODE_SERVICES = ("migrate", "node", "worker", "web")
 
-# The Celery executor (`pacsnode worker`, jobs.executor: celery, jobs.broker_url) is
-# being added on another branch. Until it is merged, node/config.py refuses these two
-# settings, so the configuration loads without them here; once JobsConfig has
-# broker_url they are loaded like every other key and test_celery_settings_load runs.
-CELERY_ENV = {"PACSNODE__JOBS__EXECUTOR", "PACSNODE__JOBS__BROKER_URL"}
-CELERY_MERGED = "broker_url" in JobsConfig.model_fields
-CELERY_PENDING = "jobs.executor celery / jobs.broker_url are not in node/config.py yet " \
-                 "(the Celery worker branch)"
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +58,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _load(config: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
     """``config`` loaded as a container would: with its environment (PACSNODE__*)."""
     overrides = {k: v for k, v in env.items() if k.startswith("PACSNODE__")}
-    if not CELERY_MERGED:
-        overrides = {k: v for k, v in overrides.items() if k not in CELERY_ENV}
     with monkeypatch.context() as patch:
         for key, value in overrides.items():
             patch.setenv(key, value)
@@ -462,22 +452,17 @@ def test_container_commands_parse(rendered: list[dict[str, Any]]) -> None:
     from node.cli import build_parser
 
     parser = build_parser()
-    subcommands = next(a for a in parser._actions if a.dest == "command")
-    commands = subcommands.choices or {}
     checked = 0
     for _name, pod in _pods(rendered):
         for container in _containers(pod):
             args = container["args"]
-            if args[0] == "worker" and "worker" not in commands and not CELERY_MERGED:
-                continue  # CELERY_PENDING
             parser.parse_args(args)  # SystemExit on a command or option it does not know
             checked += 1
     assert checked >= 3
 
 
-@pytest.mark.skipif(not CELERY_MERGED, reason=CELERY_PENDING)
 def test_celery_settings_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the Celery executor exists: the manifests' and compose's celery wiring load."""
+    """The manifests' and compose's Celery wiring loads: every container is on it."""
     docs = render("base")
     for name, pod in _pods(docs):
         container = pod["containers"][0]
