@@ -258,3 +258,21 @@ def test_a_job_over_its_timeout_on_a_worker_is_retried_then_failed(
                                  if j["status"] == "failed"], 240, "the job to fail")
     assert job["attempt"] == 2
     assert job["reason"] == "timed out after 6 s (2 attempts); giving up"
+
+
+def test_the_same_study_sent_to_two_receivers_at_once_is_stored_once(
+        make_node: Any, postgres_url: str, tmp_path: Path) -> None:
+    require_tool("storescu")
+    shared = tmp_path / "shared-storage"
+    receivers = [make_node(db_url=postgres_url, data_dir=shared) for _ in range(2)]
+    info = write_ct_series(make_phantom(SMALL), tmp_path / "ct")
+    senders = [_storescu(receiver, info.paths) for receiver in receivers]
+    for thread in senders:
+        thread.join()
+    rows = query(postgres_url, "SELECT count(*) AS n, count(DISTINCT file_path) AS files "
+                 "FROM instances")
+    assert rows == [{"n": len(info.paths), "files": len(info.paths)}]
+    assert query(postgres_url, "SELECT count(*) AS n FROM studies")[0]["n"] == 1
+    assert query(postgres_url, "SELECT count(*) AS n FROM series")[0]["n"] == 1
+    stored = sorted(p.name for p in (shared / "studies").rglob("*.dcm"))
+    assert len(stored) == len(info.paths)
