@@ -137,7 +137,8 @@ class AssociationRecord(Base):
     peer_certificate: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (Index("ix_associations_started", "started_at"),
-                      Index("ix_associations_calling", "calling_ae"))
+                      Index("ix_associations_calling", "calling_ae"),
+                      Index("ix_associations_outcome", "outcome"))
 
 
 class Patient(Base):
@@ -228,11 +229,14 @@ class Instance(Base):
     file_path: Mapped[str] = mapped_column(Text, doc="relative to storage.data_dir")
     file_size: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    association_fk: Mapped[int | None] = mapped_column(
-        ForeignKey("associations.id"), index=True
-    )
+    association_fk: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+    __table_args__ = (Index("ix_instances_received", "received_at"),
+                      # Also what the studies search by calling AE reads, alone.
+                      Index("ix_instances_association_series", "association_fk",
+                            "series_fk"))
 
 
 class JobStatus(str, enum.Enum):
