@@ -299,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
                         "connect to for creating ours")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="leave the database in place")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the JSON and plans go")
     args = parser.parse_args(argv)
     # The takeover scan takes the generated running jobs over once: not news here.
     logging.getLogger("node").setLevel(logging.ERROR)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     name = f"pacsnode_scale_{uuid.uuid4().hex[:8]}"
     admin = create_engine(args.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         without = time_all(engine, args.studies, args.repeats)
         set_indexes(engine, present=True)
         with_new = time_all(engine, args.studies, args.repeats)
-        (OUT / "db_scale_plans.txt").write_text(plans(engine))
+        (args.out / "db_scale_plans.txt").write_text(plans(engine))
     finally:
         engine.dispose()
         if not args.keep:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         before = without[query]
         print(f"{query:<46} {before['median_ms']:>7.1f} /{before['max_ms']:>6.1f} "
               f"{after['median_ms']:>7.1f} /{after['max_ms']:>6.1f}")
-    (OUT / "db_scale.json").write_text(json.dumps({
+    (args.out / "db_scale.json").write_text(json.dumps({
         "studies": args.studies, "instances": args.instances, "counts": counts,
         "generated_s": round(generated_s, 1), "without_0010": without, "with_0010": with_new,
     }, indent=2))
