@@ -45,6 +45,7 @@ bench: install peers
 	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
 	$(PY) bench/throughput.py
+	$(PY) bench/db_scale.py
 
 clean:
 	rm -rf $(VENV) var bench/out
