@@ -52,14 +52,13 @@ SERIES_PER_STUDY = 3
 RECENT = {"receiving": 50, "stable": 50, "processing": 200}
 
 
-def _new_indexes() -> list[tuple[str, str, list[str]]]:
-    """The indexes migration 0010 adds (measured with and without)."""
+def _migration_0010() -> Any:
     path = ROOT / "db" / "migrations" / "versions" / "0010_indexes_at_scale.py"
     spec = importlib.util.spec_from_file_location("m0010", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return list(module.INDEXES)
+    return module
 
 
 # -- generation -------------------------------------------------------------------
@@ -253,14 +252,15 @@ def time_all(engine: Engine, studies: int, repeats: int) -> dict[str, dict[str, 
 
 def set_indexes(engine: Engine, present: bool) -> None:
     """The schema with migration 0010's indexes, or as it was at 0009."""
-    old = ("ix_instances_association_fk", "instances", ["association_fk"])
+    migration = _migration_0010()
+    add, drop = (migration.INDEXES, migration.REPLACED) if present else \
+        (migration.REPLACED, migration.INDEXES)
     with engine.begin() as conn:
-        for name, table, columns in _new_indexes() + [old]:
-            if present == (name != old[0]):
-                conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} "
-                                  f"({', '.join(columns)})"))
-            else:
-                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+        for name, table, columns in add:
+            conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} "
+                              f"({', '.join(columns)})"))
+        for name, _table, _columns in drop:
+            conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE"))
 

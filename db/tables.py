@@ -280,7 +280,7 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_jobs_status", "status", "id"),
-                      Index("ix_jobs_finished", "finished_at"))
+                      Index("ix_jobs_finished_status", "finished_at", "status"))
 
 
 class Result(Base):
@@ -351,7 +351,7 @@ class Delivery(Base):
         Index("ix_deliveries_due", "status", "next_attempt_at"),
         Index("ix_deliveries_destination_due", "destination", "status", "next_attempt_at"),
         Index("ix_deliveries_destination", "destination", "status"),
-        Index("ix_deliveries_sent", "sent_at"),
+        Index("ix_deliveries_sent_status", "sent_at", "status"),
     )
 
 
