@@ -186,6 +186,17 @@ class NodeProcess:
         return result
 
 
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Any]:
+    """A real Orthanc (the demo PACS) on free ports, stopped afterwards."""
+    from tests.orthanc import Orthanc
+
+    require_tool("Orthanc")
+    server = Orthanc.start(tmp_path / "orthanc")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> str:
     """The PostgreSQL server of this machine, or a skip (a failure in CI) saying it is

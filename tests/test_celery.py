@@ -43,14 +43,6 @@ def _reachable(url: str) -> None:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    require_tool("Orthanc")
-    server = Orthanc.start(tmp_path / "orthanc")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def prefix() -> Iterator[str]:
     """Queues of this test alone; deleted afterwards."""
     name = f"pacsnode-test-{uuid.uuid4().hex[:10]}"

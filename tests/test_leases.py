@@ -32,14 +32,6 @@ SAME_HOST = ["unshare", "--pid", "--kill-child", "--mount-proc"]
 NEW_HOST = [*SAME_HOST, "--uts", "sh", "-c", 'hostname pod-rescheduled && exec "$0" "$@"']
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Any:
-    require_tool("Orthanc")
-    server = Orthanc.start(tmp_path / "orthanc")
-    yield server
-    server.stop()
-
-
 def _require_namespaces() -> None:
     if shutil.which("unshare") is None:
         missing_peer("unshare (util-linux) is not installed")

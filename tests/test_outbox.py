@@ -71,14 +71,6 @@ def at(value: str) -> datetime:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    require_tool("Orthanc")
-    server = Orthanc.start(tmp_path / "orthanc")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def silent_port() -> Iterator[int]:
     """A port whose kernel accepts connections that nobody ever reads or answers: an
     A-ASSOCIATE-RQ to it waits until the requestor gives up."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
 from analysis.phantoms.dicom_series import SeriesInfo, write_ct_series
@@ -49,14 +48,6 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    require_tool("Orthanc")
-    server = Orthanc.start(tmp_path / "orthanc")
-    yield server
-    server.stop()
 
 
 def analysing_node(make_node: Any, *destinations: tuple[str, int], **env: str) -> NodeProcess:
