@@ -4,7 +4,9 @@ A lung lies inside the thoracic cavity: inside the body, under the chest wall (n
 at the skin), filled with parenchyma (not the bare -1000 HU of gas), and on the
 patient's own side. Each connected piece of a lung mask that breaks one of these rules
 is dropped, or moved to the other lung when it lies on the other side, and a note
-says so (the node puts the notes into the SR).
+says so (the node puts the notes into the SR). Before that, the trachea and main
+bronchi (``analysis/airways.py``: the rule and its thresholds) are taken out of both
+lungs: they are airways, not lung.
 
 The pieces are found on a grid pooled to about 3 mm in-plane: labelling the 3D
 components of a 512x512 series at full resolution costs about a second per lung.
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from analysis import airways
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
 
 #: Lung is never this close to the skin: the chest wall (skin, fat, muscle, ribs) is
@@ -104,6 +107,7 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     patient_x = _patient_x(affine, pooled_body.shape, factor)
     midline = _midline_x(pooled_body, patient_x)
     out, notes = dict(masks), list(notes)
+    masks = _remove_airways(masks, lungs, hu, grid, pooled_body, affine, notes)
     moves: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
@@ -137,6 +141,43 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
         if other in out:
             out[other][full] |= piece
     return out, notes
+
+
+#: Full-resolution voxels near the airway column darker than this are lumen.
+AIRWAY_LUMEN_HU = -500.0
+
+
+def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray,
+                    grid: _Grid, pooled_body: np.ndarray, affine: np.ndarray,
+                    notes: list[str]) -> dict[str, np.ndarray]:
+    """The masks without the trachea and main bronchi; a note when any lung was there."""
+    f = grid.factor
+    pooled_lung = grid.pool(np.logical_or.reduce([masks[label] for label in lungs]))
+    column = airways.find_airways(airways.pooled_mean(hu, f), pooled_body, pooled_lung,
+                                  grid.spacing_mm, affine, f)
+    if not column.any():
+        return masks
+    # One pooled pixel around the column (the lumen's partial-volume edge), padded to
+    # the pooled shape, then back on the source grid, where only air-dark voxels go.
+    grown = np.zeros(pooled_body.shape, dtype=bool)
+    grown[:, :column.shape[1], :column.shape[2]] = column
+    kernel = np.ones((3, 3), np.uint8)
+    grown = np.stack([cv2.dilate(g.view(np.uint8), kernel).astype(bool) for g in grown])
+    ks = np.flatnonzero(grown.any(axis=(1, 2)))
+    box = (slice(ks[0], ks[-1] + 1), slice(0, grown.shape[1]), slice(0, grown.shape[2]))
+    full = grid.full_box(box, masks[BODY].shape)
+    airway = grid.expand(grown[box], _shape(full)) & (hu[full] < AIRWAY_LUMEN_HU)
+    out, removed = dict(masks), 0
+    for label in lungs:
+        hit = masks[label][full] & airway
+        if hit.any():
+            removed += int(hit.sum())
+            out[label] = masks[label].copy()
+            out[label][full] &= ~hit
+    if removed * float(np.prod(grid.spacing_mm)) / f / f >= 50.0:  # 0.05 mL
+        ml = removed * float(np.prod(grid.spacing_mm)) / 1000.0 / f / f
+        notes.append(f"airways removed from lung: {ml:.1f} mL")
+    return out
 
 
 def _factor(shape: tuple[int, ...], pixel_mm: float) -> int:

@@ -123,3 +123,54 @@ def test_left_and_right_follow_the_patient(flip_rows: bool, flip_columns: bool) 
     assert patient_x(volume, result.masks[LUNG_RIGHT]) < -30
     for source in ("cnn", "classical"):
         assert patient_x(volume, result.candidates[source][LUNG_LEFT]) > 30, source
+
+
+# ------------------------------------------------------------------ airways
+
+
+def _with_trachea(volume: ImageVolume, masks: dict[str, np.ndarray]):
+    """The chest phantom reaching above the apex, with a gas tube down the midline
+    in front of the spine that splits into two main bronchi; lung masks include it."""
+    hu, body = volume.hu.copy(), masks[BODY]
+    s = hu.shape[0]
+    top_first = volume.affine[2, 0] <= 0
+    order = list(range(s)) if top_first else list(range(s))[::-1]
+    lungs = {label: masks[label].copy() for label in (LUNG_LEFT, LUNG_RIGHT)}
+    for k in order[:3]:  # above the apex: soft tissue, no lung
+        for mask in lungs.values():
+            hu[k][mask[k]] = 40.0
+            mask[k] = False
+    rows, columns = np.ogrid[:hu.shape[1], :hu.shape[2]]
+    r0, c0 = (int(v) for v in np.argwhere(body[order[6]]).mean(axis=0))
+    r0 -= 10  # anterior of the body's centre
+    tube = np.zeros(hu.shape, dtype=bool)
+    for i, k in enumerate(order[:9]):
+        if i < 7:
+            tube[k] = (rows - r0) ** 2 + (columns - c0) ** 2 <= 4 ** 2
+        else:  # the two main bronchi
+            for dc in (-6, 6):
+                tube[k] |= (rows - r0) ** 2 + (columns - c0 - dc) ** 2 <= 3 ** 2
+    tube &= body
+    hu[tube] = -1000.0
+    lungs[LUNG_RIGHT] |= tube & (columns < c0)
+    lungs[LUNG_LEFT] |= tube & (columns >= c0)
+    return (ImageVolume(hu=hu, spacing_mm=volume.spacing_mm, affine=volume.affine),
+            {**masks, **lungs}, tube, lungs)
+
+
+def test_the_trachea_and_main_bronchi_are_not_lung(chest) -> None:
+    volume, masks = chest
+    tubed, with_tube, tube, lungs = _with_trachea(volume, masks)
+    guarded, notes = _guard(tubed, with_tube)
+    assert any(n.startswith("airways removed from lung:") for n in notes), notes
+    for label in (LUNG_LEFT, LUNG_RIGHT):
+        assert not (guarded[label] & tube).any(), label
+        # lung elsewhere untouched
+        np.testing.assert_array_equal(guarded[label] & ~tube, lungs[label] & ~tube)
+
+
+def test_no_trachea_no_change(chest) -> None:
+    volume, masks = chest
+    guarded, notes = _guard(volume, masks)
+    assert not any("airways" in n for n in notes)
+    np.testing.assert_array_equal(guarded[LUNG_LEFT], masks[LUNG_LEFT])
