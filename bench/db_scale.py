@@ -40,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pg import temporary_database  # noqa: E402
 
 from db.migrate import upgrade  # noqa: E402
 from db.tables import utcnow  # noqa: E402
@@ -304,32 +307,24 @@ def main(argv: list[str] | None = None) -> int:
     # The takeover scan takes the generated running jobs over once: not news here.
     logging.getLogger("node").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"pacsnode_scale_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(args.url).set(database=name)
-    engine = create_engine(url)
-    try:
-        upgrade(engine)
-        start = time.perf_counter()
-        generate(engine, args.studies, args.instances)
-        generated_s = time.perf_counter() - start
-        with engine.connect() as conn:
-            counts = {t: int(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
-                      for t in ("studies", "series", "instances", "jobs", "deliveries")}
-        print(f"generated in {generated_s:.0f} s: {counts}", flush=True)
-        set_indexes(engine, present=False)
-        without = time_all(engine, args.studies, args.repeats)
-        set_indexes(engine, present=True)
-        with_new = time_all(engine, args.studies, args.repeats)
-        (args.out / "db_scale_plans.txt").write_text(plans(engine))
-    finally:
-        engine.dispose()
-        if not args.keep:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with temporary_database(args.url, "pacsnode_scale", keep=args.keep) as url:
+        engine = create_engine(url)
+        try:
+            upgrade(engine)
+            start = time.perf_counter()
+            generate(engine, args.studies, args.instances)
+            generated_s = time.perf_counter() - start
+            with engine.connect() as conn:
+                counts = {t: int(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
+                          for t in ("studies", "series", "instances", "jobs", "deliveries")}
+            print(f"generated in {generated_s:.0f} s: {counts}", flush=True)
+            set_indexes(engine, present=False)
+            without = time_all(engine, args.studies, args.repeats)
+            set_indexes(engine, present=True)
+            with_new = time_all(engine, args.studies, args.repeats)
+            (args.out / "db_scale_plans.txt").write_text(plans(engine))
+        finally:
+            engine.dispose()
     print(f"\n{'query':<46} {'without 0010':>14} {'with 0010':>14}   (median / max ms)")
     for query, after in with_new.items():
         before = without[query]

@@ -31,12 +31,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pg import temporary_database  # noqa: E402
 from run import (  # noqa: E402
     OUT,
     PYTHON,
@@ -58,24 +58,8 @@ RABBITMQ = os.environ.get("PACSNODE_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0
 ROUTES = json.dumps([{"name": "ct", "match": {"modality": "CT"}, "pipeline": "ct-body-lungs"}])
 
 
-@contextmanager
-def database() -> Iterator[str]:
-    """A new PostgreSQL database for one configuration, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"pacsnode_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :n"), {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+def database() -> Any:
+    return temporary_database(POSTGRES, "pacsnode_bench")
 
 
 def node_env(data: Path, db_url: str, port: int, **extra: str) -> dict[str, str]:
