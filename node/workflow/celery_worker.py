@@ -118,19 +118,12 @@ def analyse(task: Any, job_id: int) -> None:
 
 
 def _timed_out(process: _Process, job_id: int) -> None:
-    from db.tables import JobStatus, utcnow
-    from node.workflow.jobs import _jobs, requeue_or_fail
+    from node.workflow.jobs import requeue_if_held
 
     limit = process.settings.jobs.timeout_s
     log.error("job %s: running for over %g s (jobs.timeout_s); stopped", job_id, limit)
-    with process.engine.begin() as conn:
-        attempt = conn.execute(
-            select(_jobs.c.attempt).where(_jobs.c.id == job_id)
-            .where(_jobs.c.status == JobStatus.RUNNING.value)
-            .where(_jobs.c.owner == process.lease.owner)).scalar_one_or_none()
-        if attempt is not None:
-            requeue_or_fail(conn, job_id, attempt, process.settings.jobs.max_attempts,
-                            f"timed out after {limit:g} s", utcnow())
+    requeue_if_held(process.engine, job_id, process.lease.owner,
+                    process.settings.jobs.max_attempts, f"timed out after {limit:g} s")
 
 
 def _deliver_results(process: _Process, job_id: int) -> None:

@@ -452,6 +452,19 @@ def requeue_or_fail(conn: Connection, job_id: int, attempt: int, max_attempts: i
     return True
 
 
+def requeue_if_held(engine: Engine, job_id: int, owner: str, max_attempts: int,
+                    why: str) -> None:
+    """A job that ``owner`` still runs was interrupted (its worker died, or ran over
+    ``jobs.timeout_s``): run it again, or fail it after ``max_attempts``."""
+    with engine.begin() as conn:
+        attempt = conn.execute(
+            select(_jobs.c.attempt).where(_jobs.c.id == job_id)
+            .where(_jobs.c.status == JobStatus.RUNNING.value).where(_jobs.c.owner == owner)
+        ).scalar_one_or_none()
+        if attempt is not None:
+            requeue_or_fail(conn, job_id, attempt, max_attempts, why, utcnow())
+
+
 def take_over_expired(engine: Engine, now: datetime, max_attempts: int) -> int:
     """Running jobs whose owner's lease expired (it died, or hangs) run again, up to
     ``max_attempts``; returns how many were taken over."""

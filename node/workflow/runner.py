@@ -18,7 +18,7 @@ from sqlalchemy import Engine, select
 from db.tables import JobStatus, utcnow
 from node.config import Settings
 from node.leases import Lease
-from node.workflow.jobs import _jobs, claim_jobs, queue_stable_studies, requeue_or_fail
+from node.workflow.jobs import _jobs, claim_jobs, queue_stable_studies, requeue_if_held
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,8 @@ class JobRunner(threading.Thread):
         self.wake.set()
 
     def _requeue_or_fail(self, job_id: int, why: str) -> None:
-        with self.engine.begin() as conn:
-            attempt = conn.execute(
-                select(_jobs.c.attempt).where(_jobs.c.id == job_id)
-                .where(_jobs.c.status == JobStatus.RUNNING.value)
-                .where(_jobs.c.owner == self.lease.owner)
-            ).scalar_one_or_none()
-            if attempt is not None:
-                requeue_or_fail(conn, job_id, attempt, self.settings.jobs.max_attempts, why,
-                                utcnow())
+        requeue_if_held(self.engine, job_id, self.lease.owner,
+                        self.settings.jobs.max_attempts, why)
 
     @property
     def running(self) -> int:
