@@ -96,3 +96,26 @@ def test_training_with_a_real_data_folder(tmp_path: Path) -> None:
 def test_the_real_series_list_names_folders_that_exist() -> None:
     for folder, _, _ in region_real.REAL_SERIES:
         assert (SHARED_DATA / folder).is_dir(), folder
+
+
+def test_every_real_slice_is_scored_alone(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_ct_series(make_region_phantom("chest", UNSEEN_SEEDS_START + 3, matrix=64, slices=5),
+                    root / "ct-chest-lidc")
+    write_ct_series(make_region_phantom("head", UNSEEN_SEEDS_START + 4, matrix=64, slices=3),
+                    root / "ct-phantom-tilted")
+    from analysis.training.region import load_series
+
+    seen: list[int] = []
+
+    def predict(volume: Any) -> str:
+        seen.append(volume.hu.shape[0])
+        return "chest"
+
+    result = region_real.slice_accuracy(predict, root, load_series)
+    assert seen == [1] * 8  # one slice at a time, every slice of both series
+    assert [(p["patient"], p["right"], p["slices"]) for p in result["patients"]] == [
+        ("LIDC-IDRI-0314", 5, 5), ("head-phantom", 0, 3)]
+    assert result["accuracy"] == round(5 / 8, 3)
+    assert result["confusion"] == {"chest": {"chest": 5}, "head": {"chest": 3}}
+    assert "5 of 8 right" in region_real.format_slices(result)

@@ -11,6 +11,10 @@ Leave one patient out: for each real patient, the classifier is trained on the
 phantoms and the windows of every *other* real patient, then predicts the held-out
 patient's whole series and windows. Patients labelled ``other`` (limbs) are never
 trained on; they measure whether the model stays unsure where it should.
+
+:func:`slice_accuracy` scores any model on every single slice of the real series;
+``python -m analysis.training.region_real --data ../shared/data [--model DIR]`` prints
+it for the shipped model, which has seen no real data.
 """
 
 from __future__ import annotations
@@ -175,3 +179,63 @@ def format_report(evaluation: dict[str, Any]) -> str:
     lines.append(f"  whole series right: {evaluation['series_accuracy']}; windows right by "
                  f"region: {evaluation['window_accuracy_by_region']}")
     return "\n".join(lines)
+
+
+def slice_accuracy(predict: Any, root: Path, load: Any) -> dict[str, Any]:
+    """Every single slice of every real series under ``root``, predicted alone.
+
+    ``predict(volume)`` returns a label. Returns per patient the slices right and the
+    labels counted, the accuracy over all slices, and the confusion (truth -> predicted
+    -> count). A slice whose features cannot be computed (no body) counts as ``other``.
+    """
+    patients: list[dict[str, Any]] = []
+    confusion: dict[str, dict[str, int]] = {}
+    for folder, region, patient in REAL_SERIES:
+        path = root / folder
+        if not path.is_dir():
+            continue
+        labels = [predict(window(volume, i, i + 1))
+                  for _, volume in load(path) for i in range(volume.hu.shape[0])]
+        for label in labels:
+            row = confusion.setdefault(region, {})
+            row[label] = row.get(label, 0) + 1
+        patients.append({"patient": patient, "region": region, "slices": len(labels),
+                         "right": sum(label == region for label in labels),
+                         "predicted": {label: labels.count(label) for label in sorted(set(labels))}})
+    total = sum(p["slices"] for p in patients)
+    right = sum(p["right"] for p in patients)
+    return {"patients": patients, "slices": total, "right": right,
+            "accuracy": round(right / total, 3) if total else None, "confusion": confusion}
+
+
+def format_slices(result: dict[str, Any]) -> str:
+    """:func:`slice_accuracy` as a text table."""
+    lines = [f"  {'patient':16s} {'truth':8s} {'slices right':>14s}  predicted"]
+    for p in result["patients"]:
+        lines.append(f"  {p['patient']:16s} {p['region']:8s} {p['right']:6d} of {p['slices']:<5d} "
+                     f"{p['predicted']}")
+    lines.append(f"  all real slices: {result['right']} of {result['slices']} right "
+                 f"({result['accuracy']:.1%})" if result["slices"] else "  no real data found")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score a region model on every slice of the real series (it must not have trained on them)."""
+    import argparse
+
+    from analysis.region import load_region_model
+    from analysis.training.region import load_series
+
+    parser = argparse.ArgumentParser(prog="python -m analysis.training.region_real",
+                                     description=main.__doc__)
+    parser.add_argument("--data", required=True, type=Path, help="e.g. ../shared/data")
+    parser.add_argument("--model", help="a region model directory (default: the shipped one)")
+    args = parser.parse_args(argv)
+    model = load_region_model(args.model)
+    result = slice_accuracy(lambda v: model.predict(v).label, args.data, load_series)
+    print(format_slices(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
