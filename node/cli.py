@@ -465,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_web import add_commands
 
     add_commands(commands, common)
+
+    from node.cli_reference import add_commands as add_reference
+
+    add_reference(commands, common)
     return parser
 
 
