@@ -194,3 +194,22 @@ def test_shipped_corrections_are_valid() -> None:
     found = load_corrections(folder)
     assert len(found) == 7
     assert sum(not c.lung for c in found.values()) == 4
+
+
+def test_false_lung_volume_and_worst_slice() -> None:
+    from types import SimpleNamespace
+
+    from analysis.types import ImageVolume
+    from node.evaluate import false_lung
+
+    volume = ImageVolume(hu=np.zeros((3, 10, 10), np.float32), spacing_mm=(2.0, 1.0, 1.0),
+                         affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    found = np.zeros((3, 10, 10), bool)
+    found[1, :5, :4] = True  # 20 px of 1 mm2 on one slice
+    found[2, 0, 0] = True
+    empty = np.zeros_like(found)
+    result = SimpleNamespace(masks={LUNG_LEFT: found, LUNG_RIGHT: empty},
+                             candidates={"cnn": {LUNG_LEFT: empty, LUNG_RIGHT: empty}})
+    out = false_lung(result, volume)  # type: ignore[arg-type]
+    assert out["final"] == pytest.approx({"volume_ml": 21 * 2.0 / 1000, "worst_slice_cm2": 0.2})
+    assert out["cnn"] == {"volume_ml": 0.0, "worst_slice_cm2": 0.0}
