@@ -319,7 +319,11 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         missing = [p for p in args.paths if not Path(p).exists()]
         if missing:
             raise CLIError(f"no such file or folder: {', '.join(missing)}")
-        scores = evaluate.evaluate_paths(args.paths, settings, regions=labels)
+        missing = [p for p in args.reference if not Path(p).exists()]
+        if missing:
+            raise CLIError(f"--reference: no such file or folder: {', '.join(missing)}")
+        scores = evaluate.evaluate_paths(args.paths, settings, regions=labels,
+                                         references=args.reference)
     summary = evaluate.summarise(scores)
     if args.json:
         print(json.dumps({"series": [s.as_dict() for s in scores], "summary": summary}, indent=2))
@@ -447,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="every series under PATH is of REGION (repeatable)")
     evaluate.add_argument("--regions", metavar="FILE",
                           help="JSON: Series Instance UID or path -> region")
+    evaluate.add_argument("--reference", action="append", default=[], metavar="SEG|DIR",
+                          help="reference SEGs stored apart from the images, e.g. from "
+                               "'pacsnode reference' (repeatable)")
     evaluate.add_argument("--synthetic", type=int, metavar="N",
                           help="evaluate on N generated series per region held back from training")
     evaluate.add_argument("--seed", type=int, default=0)
@@ -465,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_web import add_commands
 
     add_commands(commands, common)
+
+    from node.cli_reference import add_commands as add_reference
+
+    add_reference(commands, common)
     return parser
 
 

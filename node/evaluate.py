@@ -6,6 +6,11 @@ Two kinds of reference:
   segments are matched to ours by their SNOMED CT segmented property type (left lung,
   right lung, lung = both, entire body); Dice is reported for the final mask and for
   the CNN's and the classical segmenter's on their own;
+* reference SEGs stored elsewhere (``--reference SEG|DIR``, e.g. from
+  ``pacsnode reference``), matched the same way;
+* for series whose reference says no lung (a reference SEG without lung, or a region
+  in :data:`NO_LUNG_REGIONS`), the false lung of each segmenter: its volume (mL) and
+  its worst slice (cm2), against the targets of < 5 mL per series, < 2 cm2 per slice;
 * region labels, given as ``REGION=PATH`` (every series under PATH is that region) or
   a JSON file mapping Series Instance UIDs or paths to regions.
 
@@ -36,6 +41,8 @@ REFERENCE_TYPES: Mapping[str, tuple[str, ...]] = {
     "38266002": (BODY,),
 }
 LUNGS = "lungs"  # the name of the union of both lungs in reports
+#: Regions with no lung: the false lung of series labelled so is reported.
+NO_LUNG_REGIONS = frozenset({"head", "pelvis", "other"})
 
 
 @dataclass
@@ -49,6 +56,8 @@ class SeriesScore:
     region_predicted: str | None = None
     region_probability: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: segmenter -> {"volume_ml", "worst_slice_cm2"} where the reference has no lung.
+    false_lung: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         region = None
@@ -58,7 +67,9 @@ class SeriesScore:
                       "correct": self.region_expected == self.region_predicted}
         return {"series": self.series, "source": self.source,
                 "dice": {k: {s: round(v, 4) for s, v in d.items()} for k, d in self.dice.items()},
-                "region": region, "notes": self.notes}
+                "region": region, "notes": self.notes,
+                "false_lung": {k: {m: round(v, 2) for m, v in d.items()}
+                               for k, d in self.false_lung.items()}}
 
 
 def score_masks(result: PipelineResult, reference: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -72,6 +83,40 @@ def score_masks(result: PipelineResult, reference: Mapping[str, np.ndarray]) -> 
                 found = np.logical_or.reduce([masks[label] for label in labels])
                 scores.setdefault(structure, {})[name] = dice(found, truth)
     return scores
+
+
+def false_lung(result: PipelineResult, volume: ImageVolume) -> dict[str, dict[str, float]]:
+    """Per segmenter, the lung it found where there is none: mL, and cm2 on its worst slice."""
+    pixel_cm2 = volume.spacing_mm[1] * volume.spacing_mm[2] / 100.0
+    out = {}
+    for name, masks in {"final": result.masks, **result.candidates}.items():
+        lung = [masks[label] for label in (LUNG_LEFT, LUNG_RIGHT) if label in masks]
+        if not lung:
+            continue
+        found = np.logical_or.reduce(lung)
+        per_slice = found.sum(axis=(1, 2))
+        out[name] = {"volume_ml": float(found.sum()) * volume.voxel_volume_ml,
+                     "worst_slice_cm2": float(per_slice.max(initial=0)) * pixel_cm2}
+    return out
+
+
+def reference_segs(paths: Sequence[str | Path]) -> dict[str, Dataset]:
+    """Series Instance UID -> the reference SEG for it, from SEG files or folders."""
+    import pydicom
+
+    from node.dicom.scu import iter_files
+
+    found: dict[str, Dataset] = {}
+    for path in iter_files(paths):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # not DICOM: not a reference
+            continue
+        if ds.get("Modality") != "SEG":
+            continue
+        for ref in ds.get("ReferencedSeriesSequence", []):
+            found[str(ref.SeriesInstanceUID)] = ds
+    return found
 
 
 def summarise(scores: Sequence[SeriesScore]) -> dict[str, Any]:
@@ -140,9 +185,10 @@ def _expected_region(uid: str, files: Sequence[str], regions: Mapping[str, str])
 
 def evaluate_paths(
     paths: Sequence[str | Path], settings: Settings, *, pipeline: str = "ct-body-lungs",
-    regions: Mapping[str, str] | None = None,
+    regions: Mapping[str, str] | None = None, references: Sequence[str | Path] = (),
 ) -> list[SeriesScore]:
-    """Score every image series under ``paths`` that has a reference SEG or a region."""
+    """Score every image series under ``paths`` that has a reference SEG (beside it or
+    under ``references``) or a region."""
     from analysis.pipeline import get_pipeline
     from node.dicom.scu import iter_files
     from node.workflow.analyze import (
@@ -168,6 +214,7 @@ def evaluate_paths(
         files.setdefault(uid, []).append(str(path))
     segs = {str(ref.SeriesInstanceUID): ds for datasets in by_series.values() for ds in datasets
             if ds.get("Modality") == "SEG" for ref in ds.get("ReferencedSeriesSequence", [])}
+    segs.update(reference_segs(references) if references else {})
     chosen = get_pipeline(pipeline)
     scores = []
     for uid, datasets in by_series.items():
@@ -186,15 +233,19 @@ def evaluate_paths(
         region = predict_region(loaded, {})
         if region is not None:
             score.region_predicted, score.region_probability = region.label, region.probability
+        reference: dict[str, np.ndarray] = {}
         if uid in segs:
             sources = [loaded.images[i] for i in loaded.order]
             reference = _reference_from_seg(segs[uid], sources, loaded.volume.hu.shape)
             if not reference:
                 score.notes.append("the reference SEG has no body or lung segment")
-            else:
-                result = chosen.run(loaded.volume, pipeline_context(chosen, settings, None))
-                score.dice = score_masks(result, reference)
-                score.notes += result.notes
+        no_lung = expected in NO_LUNG_REGIONS and not reference
+        if reference or no_lung:
+            result = chosen.run(loaded.volume, pipeline_context(chosen, settings, None))
+            score.dice = score_masks(result, reference)
+            score.notes += result.notes
+            if no_lung:
+                score.false_lung = false_lung(result, loaded.volume)
         scores.append(score)
     return scores
 
@@ -279,6 +330,10 @@ def format_report(scores: Sequence[SeriesScore], summary: Mapping[str, Any]) -> 
     if region["n"]:
         lines += ["", f"Region accuracy {region['accuracy']:.3f} ({region['correct']}/{region['n']})",
                   "  confusion (expected -> predicted): " + json.dumps(region["confusion"])]
+    for score in (s for s in scores if s.false_lung):
+        cells = ", ".join(f"{n} {v['volume_ml']:.1f} mL (worst slice {v['worst_slice_cm2']:.1f} cm2)"
+                          for n, v in score.false_lung.items())
+        lines.append(f"  false lung in {score.source}: {cells}")
     misses = [s for s in scores if s.region_expected and s.region_expected != s.region_predicted]
     for score in misses:
         lines.append(f"  miss: {score.series}: expected {score.region_expected}, predicted "
