@@ -143,7 +143,7 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     return out, notes
 
 
-#: Full-resolution voxels near the airway column darker than this are lumen.
+#: Full-resolution voxels next to the traced lumen darker than this are its edge.
 AIRWAY_LUMEN_HU = -500.0
 
 
@@ -157,16 +157,15 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
                                   grid.spacing_mm, affine, f)
     if not column.any():
         return masks
-    # One pooled pixel around the column (the lumen's partial-volume edge), padded to
-    # the pooled shape, then back on the source grid, where only air-dark voxels go.
-    grown = np.zeros(pooled_body.shape, dtype=bool)
-    grown[:, :column.shape[1], :column.shape[2]] = column
+    airway = airways.trace_airways(hu, column, f, _source_spacing(grid), affine)
+    ks = np.flatnonzero(airway.any(axis=(1, 2)))
+    if ks.size == 0:
+        return masks
+    # One pixel around the lumen (its partial-volume edge), where still air-dark.
+    full = (slice(ks[0], ks[-1] + 1), slice(0, airway.shape[1]), slice(0, airway.shape[2]))
     kernel = np.ones((3, 3), np.uint8)
-    grown = np.stack([cv2.dilate(g.view(np.uint8), kernel).astype(bool) for g in grown])
-    ks = np.flatnonzero(grown.any(axis=(1, 2)))
-    box = (slice(ks[0], ks[-1] + 1), slice(0, grown.shape[1]), slice(0, grown.shape[2]))
-    full = grid.full_box(box, masks[BODY].shape)
-    airway = grid.expand(grown[box], _shape(full)) & (hu[full] < AIRWAY_LUMEN_HU)
+    airway = np.stack([cv2.dilate(a.view(np.uint8), kernel).astype(bool)
+                       for a in airway[full]]) & (hu[full] < AIRWAY_LUMEN_HU)
     out, removed = dict(masks), 0
     for label in lungs:
         hit = masks[label][full] & airway
@@ -178,6 +177,12 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
         ml = removed * float(np.prod(grid.spacing_mm)) / 1000.0 / f / f
         notes.append(f"airways removed from lung: {ml:.1f} mL")
     return out
+
+
+def _source_spacing(grid: _Grid) -> tuple[float, float, float]:
+    """The source grid's spacing, from the pooled one."""
+    f = grid.factor
+    return (grid.spacing_mm[0], grid.spacing_mm[1] / f, grid.spacing_mm[2] / f)
 
 
 def _factor(shape: tuple[int, ...], pixel_mm: float) -> int:
