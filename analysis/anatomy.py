@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from analysis import airways
+from analysis import airways, ribcage
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
 
 #: Lung is never this close to the skin: the chest wall (skin, fat, muscle, ribs) is
@@ -28,6 +28,10 @@ from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
 MIN_DEPTH_MM = 10.0
 #: Fraction of a piece within MIN_DEPTH_MM of the skin that makes it "at the skin".
 MAX_SHALLOW_FRACTION = 0.5
+#: Fraction of a piece outside the rib cage (``analysis/ribcage.py``; slices without a
+#: cage count as inside) that drops it. Whole pieces, not voxels: the cage is a coarse
+#: polygon through the ribs a slice happens to cut, and may clip real lung locally.
+MAX_OUTSIDE_CAGE_FRACTION = 0.5
 #: Parenchyma has a median of about -850 HU (emphysema -950); gas about -1000.
 GAS_MEDIAN_HU = -975.0
 #: A piece whose centre lies this far across the body's midline is on the other side.
@@ -111,6 +115,7 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     moves: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
+    caged = _caged(masks, lungs, hu, grid, pooled_body)
     for label in lungs:
         mask = masks[label] & body  # never outside the body
         if (outside := int(masks[label].sum() - mask.sum())) * voxel_ml >= MIN_PIECE_ML:
@@ -121,8 +126,8 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
             if box is None or sizes[index] * pooled_ml < MIN_PIECE_ML:
                 continue
             pooled_piece = pooled_labels[box] == index
-            verdict = _judge(pooled_piece, deep[box], pooled_hu[box], patient_x[box[1:]],
-                             midline[box[0]], label)
+            verdict = _judge(pooled_piece, deep[box], caged[box], pooled_hu[box],
+                             patient_x[box[1:]], midline[box[0]], label)
             if verdict is None:
                 continue
             full = grid.full_box(box, mask.shape)
@@ -179,6 +184,31 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
     return out
 
 
+def _caged(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
+           pooled_body: np.ndarray) -> np.ndarray:
+    """On the pooled grid: inside the rib cage, or on a slice without one."""
+    caged = np.ones(pooled_body.shape, dtype=bool)
+    for k, cage in _cages(masks, lungs, hu, grid, pooled_body).items():
+        caged[k] = cage
+    return caged
+
+
+def _cages(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
+           pooled_body: np.ndarray) -> dict[int, np.ndarray]:
+    """The rib cage (pooled grid) of each slice holding lung that has one."""
+    lung = np.logical_or.reduce([masks[label] for label in lungs])
+    slices = np.flatnonzero(lung.any(axis=(1, 2)))
+    if slices.size == 0:
+        return {}
+    bone = np.zeros(pooled_body.shape, dtype=bool)
+    bone[slices] = grid.pool(hu[slices] > ribcage.BONE_HU)
+    f = grid.factor
+    air = np.zeros(pooled_body.shape, dtype=bool)
+    sampled = hu[slices, ::f, ::f] < ribcage.AIR_HU
+    air[slices, :sampled.shape[1], :sampled.shape[2]] = sampled[:, :air.shape[1], :air.shape[2]]
+    return ribcage.cage_masks(bone, air, pooled_body, slices, grid.spacing_mm)
+
+
 def _source_spacing(grid: _Grid) -> tuple[float, float, float]:
     """The source grid's spacing, from the pooled one."""
     f = grid.factor
@@ -196,11 +226,12 @@ def _shape(box: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(b.stop - b.start for b in box)
 
 
-def _judge(piece: np.ndarray, deep: np.ndarray, hu: np.ndarray, patient_x: np.ndarray,
-           midline: np.ndarray, label: str) -> str | None:
+def _judge(piece: np.ndarray, deep: np.ndarray, caged: np.ndarray, hu: np.ndarray,
+           patient_x: np.ndarray, midline: np.ndarray, label: str) -> str | None:
     """Why ``piece`` is not ``label``, or ``None`` when it may well be.
 
-    Pooled-grid arrays cut to the piece's box; ``midline`` is the body's centre
+    Pooled-grid arrays cut to the piece's box (``caged``: inside the rib cage or on a
+    slice without one); ``midline`` is the body's centre
     (patient x, mm) on each of the box's slices.
     """
     voxels = np.count_nonzero(piece)
@@ -208,6 +239,9 @@ def _judge(piece: np.ndarray, deep: np.ndarray, hu: np.ndarray, patient_x: np.nd
     if shallow > MAX_SHALLOW_FRACTION:
         return (f"{shallow:.0%} of it within {MIN_DEPTH_MM:g} mm of the skin, "
                 "outside the rib cage")
+    outside = 1.0 - np.count_nonzero(piece & caged) / voxels
+    if outside > MAX_OUTSIDE_CAGE_FRACTION:
+        return f"{outside:.0%} of it outside the rib cage"
     if float(np.median(hu[piece])) < GAS_MEDIAN_HU:
         return "bare gas (median below -975 HU), no lung parenchyma"
     per_slice = piece.sum(axis=(1, 2))
