@@ -32,6 +32,16 @@ MAX_SHALLOW_FRACTION = 0.5
 #: cage count as inside) that drops it. Whole pieces, not voxels: the cage is a coarse
 #: polygon through the ribs a slice happens to cut, and may clip real lung locally.
 MAX_OUTSIDE_CAGE_FRACTION = 0.5
+#: Below the diaphragm: a piece whose top lies more than APEX_MM below the top of
+#: the lungs and which, over the ROOF_MM above its top, has no lung but tissue denser
+#: than ROOF_HU (liver, spleen, the stomach's wall: the dome) over more than
+#: MIN_ROOF_FRACTION of its footprint. A costophrenic recess runs upward into the lung
+#: (it is part of the lung's piece, or has lung right above it), the apex has no lung
+#: above it and lies at the top.
+APEX_MM = 30.0
+ROOF_MM = 10.0
+ROOF_HU = -300.0
+MIN_ROOF_FRACTION = 0.5
 #: Parenchyma has a median of about -850 HU (emphysema -950); gas about -1000.
 GAS_MEDIAN_HU = -975.0
 #: A piece whose centre lies this far across the body's midline is on the other side.
@@ -116,6 +126,10 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     caged = _caged(masks, lungs, hu, grid, pooled_body)
+    pooled_lungs = grid.pool(np.logical_or.reduce([masks[label] for label in lungs]))
+    head_step = -1 if affine[2, 0] <= 0 else 1  # LPS: +z is superior
+    lung_slices = np.flatnonzero(pooled_lungs.any(axis=(1, 2)))
+    lung_top = int(lung_slices[0] if head_step < 0 else lung_slices[-1]) if lung_slices.size else 0
     for label in lungs:
         mask = masks[label] & body  # never outside the body
         if (outside := int(masks[label].sum() - mask.sum())) * voxel_ml >= MIN_PIECE_ML:
@@ -126,8 +140,10 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
             if box is None or sizes[index] * pooled_ml < MIN_PIECE_ML:
                 continue
             pooled_piece = pooled_labels[box] == index
-            verdict = _judge(pooled_piece, deep[box], caged[box], pooled_hu[box],
-                             patient_x[box[1:]], midline[box[0]], label)
+            verdict = _under_dome(pooled_piece, box, pooled_lungs, pooled_hu, head_step,
+                                  lung_top, grid.spacing_mm[0]) or \
+                _judge(pooled_piece, deep[box], caged[box], pooled_hu[box],
+                       patient_x[box[1:]], midline[box[0]], label)
             if verdict is None:
                 continue
             full = grid.full_box(box, mask.shape)
@@ -196,16 +212,18 @@ def _caged(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid:
 def _cages(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
            pooled_body: np.ndarray) -> dict[int, np.ndarray]:
     """The rib cage (pooled grid) of each slice holding lung that has one."""
-    lung = np.logical_or.reduce([masks[label] for label in lungs])
-    slices = np.flatnonzero(lung.any(axis=(1, 2)))
+    slices = np.flatnonzero(np.logical_or.reduce(
+        [masks[label].any(axis=(1, 2)) for label in lungs]))
     if slices.size == 0:
         return {}
+    # One contiguous block of slices: a view, not a copy of the HU.
+    block = slice(int(slices[0]), int(slices[-1]) + 1)
     bone = np.zeros(pooled_body.shape, dtype=bool)
-    bone[slices] = grid.pool(hu[slices] > ribcage.BONE_HU)
+    bone[block] = grid.pool(hu[block] > ribcage.BONE_HU)
     f = grid.factor
     air = np.zeros(pooled_body.shape, dtype=bool)
-    sampled = hu[slices, ::f, ::f] < ribcage.AIR_HU
-    air[slices, :sampled.shape[1], :sampled.shape[2]] = sampled[:, :air.shape[1], :air.shape[2]]
+    sampled = hu[block, ::f, ::f] < ribcage.AIR_HU
+    air[block, :sampled.shape[1], :sampled.shape[2]] = sampled[:, :air.shape[1], :air.shape[2]]
     return ribcage.cage_masks(bone, air, pooled_body, slices, grid.spacing_mm)
 
 
@@ -224,6 +242,30 @@ def _factor(shape: tuple[int, ...], pixel_mm: float) -> int:
 
 def _shape(box: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(b.stop - b.start for b in box)
+
+
+def _under_dome(piece: np.ndarray, box: tuple[slice, ...], lungs: np.ndarray,
+                hu: np.ndarray, head_step: int, lung_top: int, dz: float) -> str | None:
+    """"below the diaphragm" when a piece lies under a roof of tissue, well below the
+    lungs' top (pooled grid; ``piece`` is cut to ``box``, the rest is whole)."""
+    ks = np.arange(box[0].start, box[0].stop)[piece.any(axis=(1, 2))]
+    top = int(ks[0] if head_step < 0 else ks[-1])
+    if abs(top - lung_top) * dz <= APEX_MM:
+        return None
+    steps = max(1, int(round(ROOF_MM / dz)))
+    roof = [top + head_step * i for i in range(1, steps + 1)]
+    roof = [k for k in roof if 0 <= k < lungs.shape[0]]
+    if not roof:  # the piece starts on the series' first slice: nothing to see above
+        return None
+    footprint = piece.any(axis=0)
+    above_lung = lungs[roof][:, box[1], box[2]].any(axis=0)
+    above_hu = hu[roof][:, box[1], box[2]].mean(axis=0)
+    covered = footprint & ~above_lung & (above_hu > ROOF_HU)
+    fraction = np.count_nonzero(covered) / max(np.count_nonzero(footprint), 1)
+    if fraction <= MIN_ROOF_FRACTION:
+        return None
+    return (f"below the diaphragm ({fraction:.0%} of it under tissue, no lung in the "
+            f"{ROOF_MM:g} mm above it)")
 
 
 def _judge(piece: np.ndarray, deep: np.ndarray, caged: np.ndarray, hu: np.ndarray,
