@@ -32,8 +32,8 @@ MAX_SHALLOW_FRACTION = 0.5
 #: cage count as inside) that drops it. Whole pieces, not voxels: the cage is a coarse
 #: polygon through the ribs a slice happens to cut, and may clip real lung locally.
 MAX_OUTSIDE_CAGE_FRACTION = 0.5
-#: Below the diaphragm: a piece whose top lies more than APEX_MM below the top of
-#: the lungs and which, over the ROOF_MM above its top, has no lung but tissue denser
+#: Below the diaphragm: a piece, not the lung's largest, whose top lies more than
+#: APEX_MM below the top of its lung and which, over the ROOF_MM above its top, has no lung but tissue denser
 #: than ROOF_HU (liver, spleen, the stomach's wall: the dome) over more than
 #: MIN_ROOF_FRACTION of its footprint. A costophrenic recess runs upward into the lung
 #: (it is part of the lung's piece, or has lung right above it), the apex has no lung
@@ -128,22 +128,22 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     caged = _caged(masks, lungs, hu, grid, pooled_body)
     pooled_lungs = grid.pool(np.logical_or.reduce([masks[label] for label in lungs]))
     head_step = -1 if affine[2, 0] <= 0 else 1  # LPS: +z is superior
-    lung_slices = np.flatnonzero(pooled_lungs.any(axis=(1, 2)))
-    lung_top = int(lung_slices[0] if head_step < 0 else lung_slices[-1]) if lung_slices.size else 0
     for label in lungs:
         mask = masks[label] & body  # never outside the body
         if (outside := int(masks[label].sum() - mask.sum())) * voxel_ml >= MIN_PIECE_ML:
             notes.append(f"{label}: {outside * voxel_ml:.1f} mL outside the body removed")
         pooled_labels, _ = ndimage.label(grid.pool(mask), structure=_SIX_CONNECTED)
         sizes = np.bincount(pooled_labels.ravel())
+        largest = int(np.argmax(sizes[1:])) + 1 if sizes.size > 1 else 0
         for index, box in enumerate(ndimage.find_objects(pooled_labels), start=1):
             if box is None or sizes[index] * pooled_ml < MIN_PIECE_ML:
                 continue
             pooled_piece = pooled_labels[box] == index
-            verdict = _under_dome(pooled_piece, box, pooled_lungs, pooled_hu, head_step,
-                                  lung_top, grid.spacing_mm[0]) or \
-                _judge(pooled_piece, deep[box], caged[box], pooled_hu[box],
-                       patient_x[box[1:]], midline[box[0]], label)
+            verdict = _judge(pooled_piece, deep[box], caged[box], pooled_hu[box],
+                             patient_x[box[1:]], midline[box[0]], label)
+            if verdict is None and index != largest:  # the lung itself is never "below"
+                verdict = _under_dome(pooled_piece, box, pooled_lungs, pooled_hu, head_step,
+                                      _top(pooled_labels > 0, head_step), grid.spacing_mm[0])
             if verdict is None:
                 continue
             full = grid.full_box(box, mask.shape)
@@ -244,12 +244,18 @@ def _shape(box: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(b.stop - b.start for b in box)
 
 
+def _top(mask: np.ndarray, head_step: int) -> int:
+    """The slice of ``mask`` nearest the head."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(ks[0] if head_step < 0 else ks[-1])
+
+
 def _under_dome(piece: np.ndarray, box: tuple[slice, ...], lungs: np.ndarray,
                 hu: np.ndarray, head_step: int, lung_top: int, dz: float) -> str | None:
-    """"below the diaphragm" when a piece lies under a roof of tissue, well below the
-    lungs' top (pooled grid; ``piece`` is cut to ``box``, the rest is whole)."""
-    ks = np.arange(box[0].start, box[0].stop)[piece.any(axis=(1, 2))]
-    top = int(ks[0] if head_step < 0 else ks[-1])
+    """"below the diaphragm" when a piece lies under a roof of tissue, well below its
+    lung's top ``lung_top`` (pooled grid; ``piece`` is cut to ``box``, the rest is
+    whole)."""
+    top = box[0].start + _top(piece, head_step)
     if abs(top - lung_top) * dz <= APEX_MM:
         return None
     steps = max(1, int(round(ROOF_MM / dz)))
