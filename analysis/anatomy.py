@@ -289,8 +289,8 @@ def _judge(piece: np.ndarray, deep: np.ndarray, caged: np.ndarray, hu: np.ndarra
     voxels = np.count_nonzero(piece)
     shallow = 1.0 - np.count_nonzero(piece & deep) / voxels
     if shallow > MAX_SHALLOW_FRACTION:
-        return (f"{shallow:.0%} of it within {MIN_DEPTH_MM:g} mm of the skin, "
-                "outside the rib cage")
+        # (Not "outside the rib cage": that is the cage rule's own note.)
+        return f"{shallow:.0%} of it within {MIN_DEPTH_MM:g} mm of the skin"
     outside = 1.0 - np.count_nonzero(piece & caged) / voxels
     if outside > MAX_OUTSIDE_CAGE_FRACTION:
         return f"{outside:.0%} of it outside the rib cage"
