@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from analysis import airways
+from analysis import airways, ribcage
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
 
 #: Lung is never this close to the skin: the chest wall (skin, fat, muscle, ribs) is
@@ -28,6 +28,20 @@ from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
 MIN_DEPTH_MM = 10.0
 #: Fraction of a piece within MIN_DEPTH_MM of the skin that makes it "at the skin".
 MAX_SHALLOW_FRACTION = 0.5
+#: Fraction of a piece outside the rib cage (``analysis/ribcage.py``; slices without a
+#: cage count as inside) that drops it. Whole pieces, not voxels: the cage is a coarse
+#: polygon through the ribs a slice happens to cut, and may clip real lung locally.
+MAX_OUTSIDE_CAGE_FRACTION = 0.5
+#: Below the diaphragm: a piece, not the lung's largest, whose top lies more than
+#: APEX_MM below the top of its lung and which, over the ROOF_MM above its top, has no lung but tissue denser
+#: than ROOF_HU (liver, spleen, the stomach's wall: the dome) over more than
+#: MIN_ROOF_FRACTION of its footprint. A costophrenic recess runs upward into the lung
+#: (it is part of the lung's piece, or has lung right above it), the apex has no lung
+#: above it and lies at the top.
+APEX_MM = 30.0
+ROOF_MM = 10.0
+ROOF_HU = -300.0
+MIN_ROOF_FRACTION = 0.5
 #: Parenchyma has a median of about -850 HU (emphysema -950); gas about -1000.
 GAS_MEDIAN_HU = -975.0
 #: A piece whose centre lies this far across the body's midline is on the other side.
@@ -111,18 +125,25 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     moves: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
+    caged = _caged(masks, lungs, hu, grid, pooled_body)
+    pooled_lungs = grid.pool(np.logical_or.reduce([masks[label] for label in lungs]))
+    head_step = -1 if affine[2, 0] <= 0 else 1  # LPS: +z is superior
     for label in lungs:
         mask = masks[label] & body  # never outside the body
         if (outside := int(masks[label].sum() - mask.sum())) * voxel_ml >= MIN_PIECE_ML:
             notes.append(f"{label}: {outside * voxel_ml:.1f} mL outside the body removed")
         pooled_labels, _ = ndimage.label(grid.pool(mask), structure=_SIX_CONNECTED)
         sizes = np.bincount(pooled_labels.ravel())
+        largest = int(np.argmax(sizes[1:])) + 1 if sizes.size > 1 else 0
         for index, box in enumerate(ndimage.find_objects(pooled_labels), start=1):
             if box is None or sizes[index] * pooled_ml < MIN_PIECE_ML:
                 continue
             pooled_piece = pooled_labels[box] == index
-            verdict = _judge(pooled_piece, deep[box], pooled_hu[box], patient_x[box[1:]],
-                             midline[box[0]], label)
+            verdict = _judge(pooled_piece, deep[box], caged[box], pooled_hu[box],
+                             patient_x[box[1:]], midline[box[0]], label)
+            if verdict is None and index != largest:  # the lung itself is never "below"
+                verdict = _under_dome(pooled_piece, box, pooled_lungs, pooled_hu, head_step,
+                                      _top(pooled_labels > 0, head_step), grid.spacing_mm[0])
             if verdict is None:
                 continue
             full = grid.full_box(box, mask.shape)
@@ -143,7 +164,7 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     return out, notes
 
 
-#: Full-resolution voxels near the airway column darker than this are lumen.
+#: Full-resolution voxels next to the traced lumen darker than this are its edge.
 AIRWAY_LUMEN_HU = -500.0
 
 
@@ -157,16 +178,19 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
                                   grid.spacing_mm, affine, f)
     if not column.any():
         return masks
-    # One pooled pixel around the column (the lumen's partial-volume edge), padded to
-    # the pooled shape, then back on the source grid, where only air-dark voxels go.
-    grown = np.zeros(pooled_body.shape, dtype=bool)
-    grown[:, :column.shape[1], :column.shape[2]] = column
+    airway = airways.trace_airways(hu, column, f, _source_spacing(grid), affine)
+    ks = np.flatnonzero(airway.any(axis=(1, 2)))
+    if ks.size == 0:
+        return masks
+    # One pixel around the lumen (its partial-volume edge), where still air-dark; in
+    # the trace's bounding box only (a fifth of the slice: the cost is in this box).
+    rows = np.flatnonzero(airway.any(axis=(0, 2)))
+    cols = np.flatnonzero(airway.any(axis=(0, 1)))
+    full = (slice(ks[0], ks[-1] + 1), slice(max(0, rows[0] - 1), rows[-1] + 2),
+            slice(max(0, cols[0] - 1), cols[-1] + 2))
     kernel = np.ones((3, 3), np.uint8)
-    grown = np.stack([cv2.dilate(g.view(np.uint8), kernel).astype(bool) for g in grown])
-    ks = np.flatnonzero(grown.any(axis=(1, 2)))
-    box = (slice(ks[0], ks[-1] + 1), slice(0, grown.shape[1]), slice(0, grown.shape[2]))
-    full = grid.full_box(box, masks[BODY].shape)
-    airway = grid.expand(grown[box], _shape(full)) & (hu[full] < AIRWAY_LUMEN_HU)
+    airway = np.stack([cv2.dilate(a.view(np.uint8), kernel).astype(bool)
+                       for a in airway[full]]) & (hu[full] < AIRWAY_LUMEN_HU)
     out, removed = dict(masks), 0
     for label in lungs:
         hit = masks[label][full] & airway
@@ -180,6 +204,39 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
     return out
 
 
+def _caged(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
+           pooled_body: np.ndarray) -> np.ndarray:
+    """On the pooled grid: inside the rib cage, or on a slice without one."""
+    caged = np.ones(pooled_body.shape, dtype=bool)
+    for k, cage in _cages(masks, lungs, hu, grid, pooled_body).items():
+        caged[k] = cage
+    return caged
+
+
+def _cages(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
+           pooled_body: np.ndarray) -> dict[int, np.ndarray]:
+    """The rib cage (pooled grid) of each slice holding lung that has one."""
+    slices = np.flatnonzero(np.logical_or.reduce(
+        [masks[label].any(axis=(1, 2)) for label in lungs]))
+    if slices.size == 0:
+        return {}
+    # One contiguous block of slices: a view, not a copy of the HU.
+    block = slice(int(slices[0]), int(slices[-1]) + 1)
+    bone = np.zeros(pooled_body.shape, dtype=bool)
+    bone[block] = grid.pool(hu[block] > ribcage.BONE_HU)
+    f = grid.factor
+    air = np.zeros(pooled_body.shape, dtype=bool)
+    sampled = hu[block, ::f, ::f] < ribcage.AIR_HU
+    air[block, :sampled.shape[1], :sampled.shape[2]] = sampled[:, :air.shape[1], :air.shape[2]]
+    return ribcage.cage_masks(bone, air, pooled_body, slices, grid.spacing_mm)
+
+
+def _source_spacing(grid: _Grid) -> tuple[float, float, float]:
+    """The source grid's spacing, from the pooled one."""
+    f = grid.factor
+    return (grid.spacing_mm[0], grid.spacing_mm[1] / f, grid.spacing_mm[2] / f)
+
+
 def _factor(shape: tuple[int, ...], pixel_mm: float) -> int:
     """Pooling to about 3 mm; a factor that divides the matrix pools fastest."""
     target = max(1, int(round(_POOLED_MM / pixel_mm)))
@@ -191,18 +248,52 @@ def _shape(box: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(b.stop - b.start for b in box)
 
 
-def _judge(piece: np.ndarray, deep: np.ndarray, hu: np.ndarray, patient_x: np.ndarray,
-           midline: np.ndarray, label: str) -> str | None:
+def _top(mask: np.ndarray, head_step: int) -> int:
+    """The slice of ``mask`` nearest the head."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(ks[0] if head_step < 0 else ks[-1])
+
+
+def _under_dome(piece: np.ndarray, box: tuple[slice, ...], lungs: np.ndarray,
+                hu: np.ndarray, head_step: int, lung_top: int, dz: float) -> str | None:
+    """"below the diaphragm" when a piece lies under a roof of tissue, well below its
+    lung's top ``lung_top`` (pooled grid; ``piece`` is cut to ``box``, the rest is
+    whole)."""
+    top = box[0].start + _top(piece, head_step)
+    if abs(top - lung_top) * dz <= APEX_MM:
+        return None
+    steps = max(1, int(round(ROOF_MM / dz)))
+    roof = [top + head_step * i for i in range(1, steps + 1)]
+    roof = [k for k in roof if 0 <= k < lungs.shape[0]]
+    if not roof:  # the piece starts on the series' first slice: nothing to see above
+        return None
+    footprint = piece.any(axis=0)
+    above_lung = lungs[roof][:, box[1], box[2]].any(axis=0)
+    above_hu = hu[roof][:, box[1], box[2]].mean(axis=0)
+    covered = footprint & ~above_lung & (above_hu > ROOF_HU)
+    fraction = np.count_nonzero(covered) / max(np.count_nonzero(footprint), 1)
+    if fraction <= MIN_ROOF_FRACTION:
+        return None
+    return (f"below the diaphragm ({fraction:.0%} of it under tissue, no lung in the "
+            f"{ROOF_MM:g} mm above it)")
+
+
+def _judge(piece: np.ndarray, deep: np.ndarray, caged: np.ndarray, hu: np.ndarray,
+           patient_x: np.ndarray, midline: np.ndarray, label: str) -> str | None:
     """Why ``piece`` is not ``label``, or ``None`` when it may well be.
 
-    Pooled-grid arrays cut to the piece's box; ``midline`` is the body's centre
+    Pooled-grid arrays cut to the piece's box (``caged``: inside the rib cage or on a
+    slice without one); ``midline`` is the body's centre
     (patient x, mm) on each of the box's slices.
     """
     voxels = np.count_nonzero(piece)
     shallow = 1.0 - np.count_nonzero(piece & deep) / voxels
     if shallow > MAX_SHALLOW_FRACTION:
-        return (f"{shallow:.0%} of it within {MIN_DEPTH_MM:g} mm of the skin, "
-                "outside the rib cage")
+        # (Not "outside the rib cage": that is the cage rule's own note.)
+        return f"{shallow:.0%} of it within {MIN_DEPTH_MM:g} mm of the skin"
+    outside = 1.0 - np.count_nonzero(piece & caged) / voxels
+    if outside > MAX_OUTSIDE_CAGE_FRACTION:
+        return f"{outside:.0%} of it outside the rib cage"
     if float(np.median(hu[piece])) < GAS_MEDIAN_HU:
         return "bare gas (median below -975 HU), no lung parenchyma"
     per_slice = piece.sum(axis=(1, 2))

@@ -174,3 +174,90 @@ def test_no_trachea_no_change(chest) -> None:
     guarded, notes = _guard(volume, masks)
     assert not any("airways" in n for n in notes)
     np.testing.assert_array_equal(guarded[LUNG_LEFT], masks[LUNG_LEFT])
+
+
+# ------------------------------------------------------------------ rib cage
+
+CAGED_SPEC = PhantomSpec(slices=12, rows=192, columns=192, pixel_spacing_mm=2.5,
+                         slice_thickness_mm=5.0, seed=7, ribs=True, arms=True,
+                         arm_gap_mm=-8.0)  # arms pressed against the chest: one body
+
+
+@pytest.fixture(scope="module")
+def caged_chest():
+    phantom = make_phantom(CAGED_SPEC)
+    volume, _ = volume_from_datasets(ct_series_datasets(phantom))
+    result = pl.get_pipeline("ct-body-lungs").run(volume)
+    return volume, result.masks, phantom.labels
+
+
+def test_lung_between_the_arm_and_the_chest_wall_is_dropped(caged_chest) -> None:
+    from analysis.phantoms.trunk import LABEL_LUNG_LEFT, LABEL_LUNG_RIGHT
+    volume, masks, labels = caged_chest
+    # In the right arm, between the humerus and the ribs, 40 mm from the skin: deep
+    # enough for the skin rule; only the rib cage says it is not lung.
+    body = masks[BODY]
+    row = int(np.argwhere(body[6]).mean(axis=0)[0])
+    column = int(np.flatnonzero(body[6, row])[0]) + 26
+    blob = _blob(body.shape, (row, column), 3) & body
+    assert blob.any() and not (blob & masks[LUNG_RIGHT]).any()
+    hu = volume.hu.copy()
+    hu[blob] = -850.0  # parenchyma, so that only the cage rule applies
+    armed = ImageVolume(hu=hu, spacing_mm=volume.spacing_mm, affine=volume.affine)
+    guarded, notes = _guard(armed, {**masks, LUNG_RIGHT: masks[LUNG_RIGHT] | blob})
+    assert not (guarded[LUNG_RIGHT] & blob).any()
+    assert len(notes) == 1 and "outside the rib cage" in notes[0], notes
+    truth = {LUNG_LEFT: labels == LABEL_LUNG_LEFT, LUNG_RIGHT: labels == LABEL_LUNG_RIGHT}
+    for label in (LUNG_LEFT, LUNG_RIGHT):
+        before = pl.dice(masks[label], truth[label])
+        assert abs(pl.dice(guarded[label], truth[label]) - before) < 0.005, label
+
+
+def test_the_cage_keeps_the_lungs_of_a_chest_with_arms(caged_chest) -> None:
+    volume, masks, _ = caged_chest
+    guarded, notes = _guard(volume, masks)
+    assert notes == []
+    for label in (LUNG_LEFT, LUNG_RIGHT):
+        np.testing.assert_array_equal(guarded[label], masks[label])
+
+
+# ------------------------------------------------------------------ diaphragm
+
+BASES_SPEC = PhantomSpec(slices=16, rows=160, columns=160, pixel_spacing_mm=2.5,
+                         slice_thickness_mm=5.0, seed=7, diaphragm=True, lung_taper=0.3,
+                         lung_extent=0.75, ribs=True)  # lung bases, then upper abdomen
+
+
+@pytest.fixture(scope="module")
+def bases() -> tuple[ImageVolume, dict[str, np.ndarray]]:
+    volume, _ = volume_from_datasets(ct_series_datasets(make_phantom(BASES_SPEC)))
+    return volume, pl.get_pipeline("ct-body-lungs").run(volume).masks
+
+
+def test_the_lung_bases_around_the_domes_are_kept(bases) -> None:
+    volume, masks = bases
+    assert masks[LUNG_RIGHT][8].any() and masks[LUNG_LEFT][8].any()  # crescents
+    guarded, notes = _guard(volume, masks)
+    assert notes == []
+    for label in (LUNG_LEFT, LUNG_RIGHT):
+        np.testing.assert_array_equal(guarded[label], masks[label])
+
+
+def test_soft_tissue_lung_under_the_dome_is_dropped(bases) -> None:
+    from scipy import ndimage
+
+    volume, masks = bases
+    # The right dome: within the lung's outline higher up, no longer lung on 8 and 9.
+    right = masks[LUNG_RIGHT]
+    dome = ndimage.binary_fill_holes(right[6]) & ~right[8] & ~right[9]
+    assert dome.sum() > 100
+    row, column = (int(v) for v in np.argwhere(dome).mean(axis=0))
+    # Two slices of liver-dense "lung" below the base, under the dome (slices 10-11).
+    rows, columns = np.ogrid[:dome.shape[0], :dome.shape[1]]
+    blob = np.zeros(masks[BODY].shape, dtype=bool)
+    blob[10:12] = (rows - row) ** 2 + (columns - column) ** 2 <= 4 ** 2
+    assert not (blob & (masks[LUNG_LEFT] | masks[LUNG_RIGHT])).any()
+    assert volume.hu[blob].mean() > 0  # soft tissue: the gas rule does not apply
+    guarded, notes = _guard(volume, {**masks, LUNG_RIGHT: masks[LUNG_RIGHT] | blob})
+    np.testing.assert_array_equal(guarded[LUNG_RIGHT], masks[LUNG_RIGHT])
+    assert len(notes) == 1 and "below the diaphragm" in notes[0], notes
