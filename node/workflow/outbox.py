@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, and_, exists, select, true, update
 from sqlalchemy.orm import aliased
 
+from db.batches import batches
 from db.tables import Delivery, DeliveryEvent, DeliveryStatus, Result
 from node.config import DeliveryConfig
 from node.leases import Lease, released
@@ -278,8 +279,7 @@ def resend(engine: Engine, now: datetime, ids: list[int] | None = None,
     from node.workflow import breaker
 
     with engine.begin() as conn:
-        rows = conn.execute(_selection(ids, study_uid, destination, status)
-                            .with_for_update(of=_deliveries)).all()
+        rows = _selected(conn, ids, study_uid, destination, status)
         _check_found(conn, rows, ids, study_uid, destination, status)
         resent = [row.id for row in rows if row.status != SENDING]
         for row in rows:
@@ -293,6 +293,18 @@ def resend(engine: Engine, now: datetime, ids: list[int] | None = None,
                          f"{': ' + reason if reason else ''}", now)
         breaker.probe_now(conn, {row.destination for row in rows}, now)
     return resent, [row.id for row in rows if row.status == SENDING]
+
+
+def _selected(conn: Connection, ids: list[int] | None, study_uid: str | None,
+              destination: str | None, status: str | None) -> list[Any]:
+    """The deliveries to resend, locked, in id order; ``ids`` (an operator's list, of
+    any length) asked for in batches."""
+    if not ids:
+        return list(conn.execute(_selection(None, study_uid, destination, status)
+                                 .with_for_update(of=_deliveries)).all())
+    rows = [row for batch in batches(sorted(set(ids))) for row in conn.execute(
+        _selection(batch, study_uid, destination, status).with_for_update(of=_deliveries))]
+    return sorted(rows, key=lambda row: row.id)
 
 
 def _selection(ids: list[int] | None, study_uid: str | None, destination: str | None,
