@@ -13,8 +13,12 @@ Run with ``make bench`` or ``.venv/bin/python bench/db_scale.py [--studies N]
    processing; received times spread over the last days, 5 s apart;
 3. times each query through the node's own functions (the studies list and search,
    a study's detail, the stability check, job claiming and enqueueing, lease renewal,
-   the outbox's claim, the dashboard and the web's lists, the ingest lookups), with
-   the indexes of migration 0010 and, side by side on the same rows, without them;
+   the outbox's claim, the dashboard and the web's lists, the ingest lookups) and
+   the paths fixed at scale (``pacsnode studies`` over every study, a ``/metrics``
+   scrape, the claim of 100 due deliveries, the calling-AE search both ways round),
+   with the indexes of migrations 0010 and 0011 and, side by side on the same rows,
+   without them (``--database URL`` of a kept database: only the fixed paths, with
+   this checkout's code, to compare code before and after on the same rows);
 4. prints median and slowest of the repetitions in ms, writes
    ``bench/out/db_scale.json`` and the query plans (``EXPLAIN (ANALYZE, BUFFERS)`` of
    the SQL the heaviest calls send) to ``bench/out/db_scale_plans.txt``, and drops the
@@ -55,9 +59,23 @@ SERIES_PER_STUDY = 3
 RECENT = {"receiving": 50, "stable": 50, "processing": 200}
 
 
+#: Deliveries to one more destination, all due: the claim of a full batch (BATCH).
+CLAIM_DESTINATION = "claim-bench"
+
+
 def _migration_0010() -> Any:
-    path = ROOT / "db" / "migrations" / "versions" / "0010_indexes_at_scale.py"
-    spec = importlib.util.spec_from_file_location("m0010", path)
+    return _migration("0010_indexes_at_scale.py")
+
+
+def _migration_0011() -> Any | None:
+    """Migration 0011, or None when timing code from before it (``--database``)."""
+    found = sorted((ROOT / "db" / "migrations" / "versions").glob("0011_*.py"))
+    return _migration(found[0].name) if found else None
+
+
+def _migration(name: str) -> Any:
+    path = ROOT / "db" / "migrations" / "versions" / name
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -167,6 +185,12 @@ def _generate_work(engine: Engine, studies: int, t0: Any) -> None:
                    1, '', r.created_at, r.created_at, r.created_at, r.created_at,
                    CASE WHEN r.job_fk % 500 = 0 THEN NULL ELSE r.created_at END, 0
             FROM results r WHERE r.sop_instance_uid IS NOT NULL"""))
+        conn.execute(text(f"""
+            INSERT INTO deliveries (result_fk, destination, status, attempts, last_error,
+                created_at, queued_at, next_attempt_at, commitment_requests)
+            SELECT r.id, '{CLAIM_DESTINATION}', 'pending', 0, '', r.created_at, r.created_at,
+                   r.created_at, 0
+            FROM results r WHERE r.sop_instance_uid IS NOT NULL ORDER BY r.id LIMIT 100"""))
         conn.execute(text("""
             INSERT INTO destination_states (name, state, consecutive_failures, last_error,
                 updated_at) VALUES ('pacs', 'closed', 0, '', now())"""))
@@ -181,7 +205,57 @@ def _generate_work(engine: Engine, studies: int, t0: Any) -> None:
 # -- the queries ------------------------------------------------------------------
 
 
-def queries(engine: Engine, studies: int) -> dict[str, Callable[[], Any]]:
+def _claim_again(engine: Engine) -> None:
+    """The claim benchmark's 100 deliveries pending and due again, their events gone."""
+    with engine.begin() as conn:
+        conn.execute(text(f"""DELETE FROM delivery_events WHERE delivery_fk IN
+            (SELECT id FROM deliveries WHERE destination = '{CLAIM_DESTINATION}')"""))
+        conn.execute(text(f"""UPDATE deliveries SET status = 'pending', attempts = 0,
+            owner = NULL, lease_until = NULL WHERE destination = '{CLAIM_DESTINATION}'"""))
+
+
+#: A call, or (set-up run before each timed call, the call).
+Timed = Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]
+
+#: The calling-AE search's two directions, counted in raw SQL (the node's is the first).
+AE_STUDIES_FIRST = (
+    "SELECT count(*) FROM studies WHERE id IN (SELECT se.study_fk FROM series se JOIN "
+    "instances i ON i.series_fk = se.id JOIN associations a ON a.id = i.association_fk "
+    "WHERE a.calling_ae = 'MODALITY7')")
+AE_ASSOCIATIONS_FIRST = (
+    "SELECT count(*) FROM studies WHERE id IN (SELECT se.study_fk FROM series se WHERE "
+    "se.id IN (SELECT DISTINCT i.series_fk FROM associations a JOIN instances i ON "
+    "i.association_fk = a.id WHERE a.calling_ae = 'MODALITY7'))")
+
+
+def fixed_paths(engine: Engine) -> dict[str, Timed]:
+    """The paths that were slow or failed at scale, timed as the node runs them."""
+    from node.audit_queries import list_studies
+    from node.leases import Lease
+    from node.web.metrics import DatabaseCollector
+    from node.workflow import outbox
+
+    scraped = DatabaseCollector(engine)
+    lease = Lease(str(uuid.uuid4()), 30)
+
+    def count(sql: str) -> Callable[[], Any]:
+        def run() -> Any:
+            with engine.connect() as conn:
+                return conn.execute(text(sql)).scalar_one()
+        return run
+
+    return {
+        "pacsnode studies (every study)": lambda: len(list_studies(engine)),
+        "metrics: first scrape of a process": lambda: list(DatabaseCollector(engine).collect()),
+        "metrics: a scrape": lambda: list(scraped.collect()),
+        "outbox: claim 100 due deliveries": (lambda: _claim_again(engine), lambda: outbox.claim_due(
+            engine, CLAIM_DESTINATION, Path("/nonexistent"), utcnow(), lease)),
+        "calling AE: studies -> series -> associations": count(AE_STUDIES_FIRST),
+        "calling AE: associations -> series -> studies": count(AE_ASSOCIATIONS_FIRST),
+    }
+
+
+def queries(engine: Engine, studies: int) -> dict[str, Timed]:
     """Every query the node makes at scale, as the node makes it."""
     from node.audit_queries import StudyFilter, search_studies, study_detail
     from node.ingest.index import InstanceIndex
@@ -239,12 +313,24 @@ def queries(engine: Engine, studies: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def time_all(engine: Engine, studies: int, repeats: int) -> dict[str, dict[str, float]]:
-    timings: dict[str, dict[str, float]] = {}
-    for name, call in queries(engine, studies).items():
-        call()  # warm: the first call pays for plans and cold pages
+def time_all(engine: Engine, studies: int, repeats: int) -> dict[str, dict[str, Any]]:
+    return time_all_of(engine, {**queries(engine, studies), **fixed_paths(engine)}, repeats)
+
+
+def time_all_of(engine: Engine, calls: dict[str, Timed], repeats: int
+                ) -> dict[str, dict[str, Any]]:
+    timings: dict[str, dict[str, Any]] = {}
+    for name, timed in calls.items():
+        setup, call = timed if isinstance(timed, tuple) else (lambda: None, timed)
+        setup()
+        try:
+            call()  # warm: the first call pays for plans and cold pages
+        except Exception as exc:  # code from before the fixes: the listing failed here
+            timings[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            continue
         seconds = []
         for _ in range(repeats):
+            setup()
             start = time.perf_counter()
             call()
             seconds.append(time.perf_counter() - start)
@@ -254,11 +340,19 @@ def time_all(engine: Engine, studies: int, repeats: int) -> dict[str, dict[str, 
 
 
 def set_indexes(engine: Engine, present: bool) -> None:
-    """The schema with migration 0010's indexes, or as it was at 0009."""
+    """The schema with the indexes of migrations 0010 and 0011, or as it was at 0009."""
     migration = _migration_0010()
     add, drop = (migration.INDEXES, migration.REPLACED) if present else \
         (migration.REPLACED, migration.INDEXES)
+    later = _migration_0011()
+    if later is not None:
+        ours, replaced = [later.CLAIM_INDEX], [later.REPLACED]
+        add, drop = (add + ours, drop + replaced) if present else \
+            (add + replaced, drop + ours)
     with engine.begin() as conn:
+        if later is not None and engine.dialect.name == "postgresql":
+            conn.execute(text(later.NAME_INDEX if present else
+                              "DROP INDEX IF EXISTS ix_patients_name_lower"))
         for name, table, columns in add:
             conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} "
                               f"({', '.join(columns)})"))
@@ -279,10 +373,14 @@ def plans(engine: Engine) -> str:
                                      "'x' AND status = 'sending'",
         "lease renewal: associations": "UPDATE associations SET lease_until = now() WHERE "
                                        "owner = 'x' AND outcome = 'open'",
-        "studies by calling AE":
-            "SELECT count(*) FROM studies WHERE id IN (SELECT se.study_fk FROM series se JOIN "
-            "instances i ON i.series_fk = se.id JOIN associations a ON a.id = "
-            "i.association_fk WHERE a.calling_ae = 'MODALITY7')",
+        "studies by calling AE": AE_STUDIES_FIRST,
+        "studies by calling AE, from the associations": AE_ASSOCIATIONS_FIRST,
+        "studies by patient name prefix (as the search sends it)":
+            "SELECT count(*) FROM studies JOIN patients p ON p.id = studies.patient_fk "
+            "WHERE lower(p.patient_name) LIKE 'patient123%'",
+        "outbox claim: a destination's due deliveries in claim order":
+            "SELECT id FROM deliveries WHERE destination = 'pacs' AND status = 'pending' "
+            "AND next_attempt_at <= now() ORDER BY result_fk, id LIMIT 100",
     }
     out = []
     with engine.connect() as conn:
@@ -294,6 +392,27 @@ def plans(engine: Engine) -> str:
     return "\n".join(out)
 
 
+def _figures(timing: dict[str, Any]) -> str:
+    if "error" in timing:
+        return f"{'failed':>14}"
+    return f"{timing['median_ms']:>7.1f} /{timing['max_ms']:>6.1f}"
+
+
+def fixed_only(url: str, repeats: int, out: Path) -> int:
+    """The fixed paths, timed by this checkout's code (before or after the fixes) on a
+    database generated before: the same rows for both."""
+    engine = create_engine(url)
+    try:
+        timings: dict[str, dict[str, Any]] = {}
+        for name, timed in fixed_paths(engine).items():
+            timings.update(time_all_of(engine, {name: timed}, repeats))
+            print(f"{name:<46} {timings[name]}", flush=True)
+    finally:
+        engine.dispose()
+    (out / "db_scale_fixed.json").write_text(json.dumps(timings, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=100_000)
@@ -303,10 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="leave the database in place")
     parser.add_argument("--out", type=Path, default=OUT, help="where the JSON and plans go")
+    parser.add_argument("--database", help="a database generated before (--keep): time "
+                        "only the fixed paths on it, with the code of this checkout")
     args = parser.parse_args(argv)
     # The takeover scan takes the generated running jobs over once: not news here.
     logging.getLogger("node").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.database:
+        return fixed_only(args.database, args.repeats, args.out)
     with temporary_database(args.url, "pacsnode_scale", keep=args.keep) as url:
         engine = create_engine(url)
         try:
@@ -327,9 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.dispose()
     print(f"\n{'query':<46} {'without 0010':>14} {'with 0010':>14}   (median / max ms)")
     for query, after in with_new.items():
-        before = without[query]
-        print(f"{query:<46} {before['median_ms']:>7.1f} /{before['max_ms']:>6.1f} "
-              f"{after['median_ms']:>7.1f} /{after['max_ms']:>6.1f}")
+        print(f"{query:<46} {_figures(without[query])} {_figures(after)}")
     (args.out / "db_scale.json").write_text(json.dumps({
         "studies": args.studies, "instances": args.instances, "counts": counts,
         "generated_s": round(generated_s, 1), "without_0010": without, "with_0010": with_new,

@@ -20,7 +20,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    column,
     false,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -143,8 +145,13 @@ class AssociationRecord(Base):
 
 class Patient(Base):
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient"),
-                      Index("ix_patients_name", "patient_name"))
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer", name="uq_patient"),
+        Index("ix_patients_name", "patient_name"),
+        # The search's lower(patient_name) LIKE 'prefix%' (migration 0011; PostgreSQL).
+        Index("ix_patients_name_lower", func.lower(column("patient_name")).label("lower_name"),
+              postgresql_ops={"lower_name": "text_pattern_ops"}).ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Empty string, not NULL, for an absent ID: NULLs never collide in a unique key.
@@ -350,7 +357,8 @@ class Delivery(Base):
     __table_args__ = (
         Index("ix_deliveries_due", "status", "next_attempt_at"),
         Index("ix_deliveries_destination_due", "destination", "status", "next_attempt_at"),
-        Index("ix_deliveries_destination", "destination", "status"),
+        # The claim's order (a SEG before its SR) within a destination's pending ones.
+        Index("ix_deliveries_destination_result", "destination", "status", "result_fk", "id"),
         Index("ix_deliveries_sent_status", "sent_at", "status"),
     )
 

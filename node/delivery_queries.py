@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from db.batches import batches
 from db.tables import (
     Delivery,
     DeliveryEvent,
@@ -108,11 +109,12 @@ def list_deliveries(engine: Engine, status: str | None = None, destination: str 
 def delivery_events(session: Any, ids: list[int]) -> dict[int, list[dict[str, Any]]]:
     """Each delivery's history: every change with its time and reason, oldest first."""
     by_delivery: dict[int, list[dict[str, Any]]] = {}
-    for event in session.execute(
-        select(DeliveryEvent).where(DeliveryEvent.delivery_fk.in_(ids))
-        .order_by(DeliveryEvent.id)
-    ).scalars():
-        by_delivery.setdefault(event.delivery_fk, []).append({
-            "at": _iso(event.at), "from": event.from_status, "to": event.to_status,
-            "reason": event.reason})
+    for batch in batches(ids):  # a delivery's events all come in its batch, in order
+        for event in session.execute(
+            select(DeliveryEvent).where(DeliveryEvent.delivery_fk.in_(batch))
+            .order_by(DeliveryEvent.id)
+        ).scalars():
+            by_delivery.setdefault(event.delivery_fk, []).append({
+                "at": _iso(event.at), "from": event.from_status, "to": event.to_status,
+                "reason": event.reason})
     return by_delivery

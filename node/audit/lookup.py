@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from db.batches import batches
 from db.tables import Delivery, Instance, Job, Patient, Result, Series, Study
 from node.audit.messages import StudyObject
 from node.audit_queries import read_session
@@ -40,14 +41,16 @@ def studies_of_association(engine: Engine, association_id: int) -> list[StudyObj
 
 
 def studies_of_deliveries(engine: Engine, delivery_ids: list[int]) -> list[StudyObject]:
+    rows: list[Any] = []
     with read_session(engine) as conn:
-        rows = conn.execute(
-            select(*_study_columns(), Result.sop_class_uid, func.count())
-            .select_from(Delivery).join(Result, Result.id == Delivery.result_fk)
-            .join(Job, Job.id == Result.job_fk).join(Study, Study.id == Job.study_fk)
-            .join(Patient, Patient.id == Study.patient_fk)
-            .where(Delivery.id.in_(delivery_ids))
-            .group_by(*_study_columns(), Result.sop_class_uid)).all()
+        for batch in batches(delivery_ids):  # _objects adds up a study's batches
+            rows += conn.execute(
+                select(*_study_columns(), Result.sop_class_uid, func.count())
+                .select_from(Delivery).join(Result, Result.id == Delivery.result_fk)
+                .join(Job, Job.id == Result.job_fk).join(Study, Study.id == Job.study_fk)
+                .join(Patient, Patient.id == Study.patient_fk)
+                .where(Delivery.id.in_(batch))
+                .group_by(*_study_columns(), Result.sop_class_uid)).all()
     return _objects(rows)
 
 

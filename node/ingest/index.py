@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, upd
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from db.batches import batches
 from db.tables import (
     AssociationRecord,
     Instance,
@@ -173,14 +174,17 @@ class InstanceIndex:
         """
         if not association_ids:
             return []
+        missing: list[tuple[int, str]] = []
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(_instances.c.id, _instances.c.sop_instance_uid, _instances.c.file_path)
-                .where(_instances.c.association_fk.in_(association_ids))
-            ).all()
-            missing = [(row_id, uid) for row_id, uid, path in rows if not exists(path)]
-            if missing:
-                conn.execute(delete(_instances).where(_instances.c.id.in_([m[0] for m in missing])))
+            for batch in batches(association_ids):
+                rows = conn.execute(
+                    select(_instances.c.id, _instances.c.sop_instance_uid,
+                           _instances.c.file_path)
+                    .where(_instances.c.association_fk.in_(batch))
+                ).all()
+                missing += [(row_id, uid) for row_id, uid, path in rows if not exists(path)]
+            for ids in batches([row_id for row_id, _ in missing]):
+                conn.execute(delete(_instances).where(_instances.c.id.in_(ids)))
         return [uid for _, uid in missing]
 
     def _cached(self, kind: str, key: str) -> int | None:

@@ -12,14 +12,23 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import Engine, func, select
 
-from db.tables import AssociationRecord, Delivery, Instance, Job, Result, Study
+from db.tables import (
+    AssociationOutcome,
+    AssociationRecord,
+    Delivery,
+    Instance,
+    Job,
+    Result,
+    Study,
+    utcnow,
+)
 from node.audit_queries import read_session
 
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -72,6 +81,71 @@ class _Watermark:
         return [] if self.at is None else [column >= self.at]
 
 
+#: How long after its arrival an instance row may still be uncommitted (its transaction
+#: took that id, then the commit came later), resized or removed: far longer than an
+#: instance's transaction, or than the gap between closing a dead process's
+#: associations and removing their unacknowledged rows.
+SETTLE_S = 600.0
+
+
+class _InstanceTotals:
+    """``count(*)`` and ``sum(file_size)`` of the instances, without reading them all.
+
+    Rows up to a mark on the primary key are settled: counted once, kept in this
+    process. A scrape counts only the rows above the mark, then moves the mark to the
+    newest row that can no longer change: older than :data:`SETTLE_S` (so every row
+    with a lower id has committed or rolled back) and below every row of an
+    association that is open or has just been closed as interrupted (whose rows may
+    yet be resized, taken back, or removed). Exact across processes sharing the
+    database: each reads the same rows. Instances are removed only by those paths
+    (:meth:`InstanceIndex.forget` and :meth:`~InstanceIndex.drop_unfiled`); should a
+    row below the mark ever be found mutable, the totals are counted again from zero.
+    """
+
+    def __init__(self) -> None:
+        self.mark = 0
+        self.count = 0
+        self.size = 0
+
+    def read(self, conn: Any, now: datetime) -> tuple[int, int]:
+        newest_old, first_live = self._bounds(conn, now)
+        if first_live is not None and first_live <= self.mark:
+            self.mark = self.count = self.size = 0  # should not happen: start over
+        settled = newest_old if first_live is None else min(newest_old, first_live - 1)
+        if settled > self.mark:
+            count, size = self._rows(conn, self.mark, settled)
+            self.mark, self.count, self.size = settled, self.count + count, self.size + size
+        count, size = self._rows(conn, self.mark, None)
+        return self.count + count, self.size + size
+
+    @staticmethod
+    def _rows(conn: Any, above: int, up_to: int | None) -> tuple[int, int]:
+        """Count and bytes of the rows with ``above < id <= up_to`` (a primary-key range)."""
+        query = select(func.count(Instance.id), func.coalesce(func.sum(Instance.file_size), 0)) \
+            .where(Instance.id > above)
+        if up_to is not None:
+            query = query.where(Instance.id <= up_to)
+        count, size = conn.execute(query).one()
+        return int(count), int(size)
+
+    @staticmethod
+    def _bounds(conn: Any, now: datetime) -> tuple[int, int | None]:
+        """(The newest row by arrival older than SETTLE_S or 0, the first row of a live
+        association or None)."""
+        old = now - timedelta(seconds=SETTLE_S)
+        # The newest row by arrival older than SETTLE_S (ix_instances_received, backwards).
+        newest_old = conn.execute(
+            select(Instance.id).where(Instance.received_at < old)
+            .order_by(Instance.received_at.desc()).limit(1)).scalar_one_or_none()
+        live = select(AssociationRecord.id).where(
+            (AssociationRecord.outcome == AssociationOutcome.OPEN.value)
+            | ((AssociationRecord.outcome == AssociationOutcome.INTERRUPTED.value)
+               & (AssociationRecord.ended_at >= old)))
+        first_live = conn.execute(select(func.min(Instance.id))
+                                  .where(Instance.association_fk.in_(live))).scalar_one()
+        return int(newest_old or 0), None if first_live is None else int(first_live)
+
+
 class DatabaseCollector:
     """The prometheus-client collector of the database's counts."""
 
@@ -81,6 +155,7 @@ class DatabaseCollector:
         self._steps = _Histogram(_STEP_BUCKETS)
         self._latency = _Histogram(_LATENCY_BUCKETS)
         self._jobs_mark, self._sent_mark = _Watermark(), _Watermark()
+        self._instances = _InstanceTotals()
 
     def collect(self) -> Iterator[Any]:
         with self._lock, read_session(self.engine) as conn:
@@ -94,8 +169,7 @@ class DatabaseCollector:
                 "From a study's last instance to each of its results delivered", "")
 
     def _counts(self, conn: Any) -> Iterator[Any]:
-        count, size = conn.execute(select(func.count(Instance.id),
-                                          func.coalesce(func.sum(Instance.file_size), 0))).one()
+        count, size = self._instances.read(conn, utcnow())
         yield GaugeMetricFamily("pacsnode_instances", "Instances stored", value=int(count))
         yield GaugeMetricFamily("pacsnode_stored_bytes", "Bytes of the stored instances",
                                 value=int(size))

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, and_, exists, select, true, update
 from sqlalchemy.orm import aliased
 
+from db.batches import batches
 from db.tables import Delivery, DeliveryEvent, DeliveryStatus, Result
 from node.config import DeliveryConfig
 from node.leases import Lease, released
@@ -77,20 +78,38 @@ def record_event(conn: Connection, delivery_id: int, from_status: str | None,
                                          reason=reason))
 
 
-def _not_held(now: datetime, probe: bool) -> Any:
+def _not_held(delivery: Any, result: Any, now: datetime, probe: bool) -> Any:
     """An SR waits for its SEG: no earlier result of the same job to the same destination
     may be pending but not in this same batch (where it goes first). (A SEG that failed
-    failed its SRs with it; one an operator resends alone is sent.)"""
+    failed its SRs with it; one an operator resends alone is sent.) ``delivery`` and
+    ``result``: the (aliased) tables of the candidate."""
     earlier = aliased(Delivery)
     earlier_result = aliased(Result)
     waiting = and_(earlier.status == PENDING,
                    true() if probe else earlier.next_attempt_at > now)
     return ~exists(
         select(earlier.id).join(earlier_result, earlier_result.id == earlier.result_fk)
-        .where(earlier_result.job_fk == Result.job_fk)
-        .where(earlier_result.id < Result.id)
-        .where(earlier.destination == _deliveries.c.destination)
+        .where(earlier_result.job_fk == result.c.job_fk)
+        .where(earlier_result.id < result.c.id)
+        .where(earlier.destination == delivery.c.destination)
         .where(waiting))
+
+
+def _due_ids(destination: str, now: datetime, probe: bool) -> Any:
+    """The ids of the deliveries to claim, locked: those another claimer holds are
+    skipped, not waited for (SQLite has no row locks and needs none: it serialises
+    writers). Aliased so that nothing in it correlates with the UPDATE around it."""
+    due, result = _deliveries.alias("due"), Result.__table__.alias("due_result")
+    query = (
+        select(due.c.id).join(result, result.c.id == due.c.result_fk)
+        .where(due.c.destination == destination)
+        .where(due.c.status == PENDING)
+        .where(_not_held(due, result, now, probe))
+        .order_by(due.c.result_fk, due.c.id)
+        .limit(1 if probe else BATCH)
+        .with_for_update(of=due, skip_locked=True)
+    )
+    return query if probe else query.where(due.c.next_attempt_at <= now)
 
 
 def claim_due(engine: Engine, destination: str, data_dir: Path, now: datetime, lease: Lease,
@@ -98,33 +117,40 @@ def claim_due(engine: Engine, destination: str, data_dir: Path, now: datetime, l
     """Mark this destination's due pending deliveries ``sending`` for this process, in
     result order (a SEG before its SR); ``probe``: only the oldest pending one, due or
     not (the open circuit's single try)."""
-    query = (
-        select(_deliveries.c.id, _deliveries.c.attempts, _deliveries.c.queued_at,
-               Result.id.label("result_id"), Result.job_fk, Result.file_path)
-        .join(Result, Result.id == _deliveries.c.result_fk)
-        .where(_deliveries.c.destination == destination)
+    # One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) RETURNING,
+    # and one insert of the events: a row-by-row claim cost two round trips a delivery.
+    # SQLite's RETURNING names only the updated table: the result's columns come as
+    # subqueries (a primary-key lookup each), not from UPDATE ... FROM.
+    def of_result(column: Any) -> Any:
+        return select(column).where(Result.id == _deliveries.c.result_fk).scalar_subquery()
+
+    # As a CTE: PostgreSQL may run an IN (subquery) again for each outer row, and a
+    # re-run skips the rows this statement just updated and locks the next ones: 122
+    # claimed for a LIMIT of 100. A CTE with FOR UPDATE is evaluated exactly once.
+    due = _due_ids(destination, now, probe).cte("due_ids")
+    claim = (
+        update(_deliveries)
+        .where(_deliveries.c.id.in_(select(due.c.id)))
         .where(_deliveries.c.status == PENDING)
-        .where(_not_held(now, probe))
-        .order_by(_deliveries.c.result_fk, _deliveries.c.id)
-        .limit(1 if probe else BATCH)
-        .with_for_update(of=_deliveries, skip_locked=True)
+        .values(status=SENDING, **lease.claim(now), last_attempt_at=now,
+                attempts=_deliveries.c.attempts + 1)
+        .returning(_deliveries.c.id, _deliveries.c.attempts, _deliveries.c.queued_at,
+                   _deliveries.c.result_fk.label("result_id"),
+                   of_result(Result.job_fk).label("job_fk"),
+                   of_result(Result.file_path).label("file_path"))
     )
-    if not probe:
-        query = query.where(_deliveries.c.next_attempt_at <= now)
-    claimed: list[Due] = []
+    suffix = " (probe)" if probe else ""
     with engine.begin() as conn:
-        for row in conn.execute(query).all():
-            if conn.execute(
-                update(_deliveries).where(_deliveries.c.id == row.id)
-                .where(_deliveries.c.status == PENDING)
-                .values(status=SENDING, **lease.claim(now), last_attempt_at=now,
-                        attempts=_deliveries.c.attempts + 1)
-            ).rowcount:
-                record_event(conn, row.id, PENDING, SENDING,
-                             f"attempt {row.attempts + 1}{' (probe)' if probe else ''}", now)
-                claimed.append(Due(row.id, row.result_id, row.job_fk, destination,
-                                   row.attempts + 1, row.queued_at, data_dir / row.file_path))
-    return claimed
+        # RETURNING comes in no particular order; a SEG goes before its SR.
+        rows = sorted(conn.execute(claim).all(), key=lambda row: (row.result_id, row.id))
+        if rows:
+            conn.execute(_events.insert(), [
+                {"delivery_fk": row.id, "at": now, "from_status": PENDING,
+                 "to_status": SENDING, "reason": f"attempt {row.attempts}{suffix}"}
+                for row in rows])
+    # ``attempts`` as RETURNING gives it: already including this one.
+    return [Due(row.id, row.result_id, row.job_fk, destination, row.attempts,
+                row.queued_at, data_dir / row.file_path) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -278,8 +304,7 @@ def resend(engine: Engine, now: datetime, ids: list[int] | None = None,
     from node.workflow import breaker
 
     with engine.begin() as conn:
-        rows = conn.execute(_selection(ids, study_uid, destination, status)
-                            .with_for_update(of=_deliveries)).all()
+        rows = _selected(conn, ids, study_uid, destination, status)
         _check_found(conn, rows, ids, study_uid, destination, status)
         resent = [row.id for row in rows if row.status != SENDING]
         for row in rows:
@@ -293,6 +318,18 @@ def resend(engine: Engine, now: datetime, ids: list[int] | None = None,
                          f"{': ' + reason if reason else ''}", now)
         breaker.probe_now(conn, {row.destination for row in rows}, now)
     return resent, [row.id for row in rows if row.status == SENDING]
+
+
+def _selected(conn: Connection, ids: list[int] | None, study_uid: str | None,
+              destination: str | None, status: str | None) -> list[Any]:
+    """The deliveries to resend, locked, in id order; ``ids`` (an operator's list, of
+    any length) asked for in batches."""
+    if not ids:
+        return list(conn.execute(_selection(None, study_uid, destination, status)
+                                 .with_for_update(of=_deliveries)).all())
+    rows = [row for batch in batches(sorted(set(ids))) for row in conn.execute(
+        _selection(batch, study_uid, destination, status).with_for_update(of=_deliveries))]
+    return sorted(rows, key=lambda row: row.id)
 
 
 def _selection(ids: list[int] | None, study_uid: str | None, destination: str | None,
