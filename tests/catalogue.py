@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import create_engine, insert
+from sqlalchemy import Engine, create_engine, insert, text
 
 from db.tables import AssociationRecord, Instance, Patient, Series, Study
 
@@ -59,3 +59,18 @@ def fill(db_url: str, count: int, batch: int = 10_000) -> None:
                  "association_fk": r["sender"] + 1}
                 for n, r in zip(range(start, start + len(rows)), rows, strict=True)])
     engine.dispose()
+
+
+def one_series(engine: Engine, status: str, at: datetime) -> None:
+    """Patient 1, study 1 (in ``status``, received ``at``) and its CT series 1: what a
+    test of instances, jobs or deliveries hangs its rows on."""
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO patients (id, patient_id, issuer, patient_name, "
+                          "birth_date, sex) VALUES (1, 'P', '', '', '', '')"))
+        conn.execute(text("INSERT INTO studies (id, study_instance_uid, patient_fk, study_date, "
+                          "study_time, accession_number, study_description, status, "
+                          "received_at, last_received_at) VALUES (1, '1.2', 1, '', '', '', "
+                          "'', :status, :t, :t)"), {"status": status, "t": at})
+        conn.execute(text("INSERT INTO series (id, series_instance_uid, study_fk, modality, "
+                          "series_description, body_part_examined, received_at) VALUES "
+                          "(1, '1.2.1', 1, 'CT', '', '', :t)"), {"t": at})

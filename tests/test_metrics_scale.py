@@ -15,6 +15,7 @@ from db.migrate import upgrade
 from db.session import make_engine
 from db.tables import utcnow
 from node.web.metrics import SETTLE_S, DatabaseCollector
+from tests.catalogue import one_series
 
 NOW = utcnow()
 OLD = NOW - timedelta(seconds=2 * SETTLE_S)
@@ -24,16 +25,7 @@ OLD = NOW - timedelta(seconds=2 * SETTLE_S)
 def engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     upgrade(engine)
-    with engine.begin() as conn:
-        conn.execute(text("INSERT INTO patients (id, patient_id, issuer, patient_name, "
-                          "birth_date, sex) VALUES (1, 'P', '', '', '', '')"))
-        conn.execute(text("INSERT INTO studies (id, study_instance_uid, patient_fk, study_date, "
-                          "study_time, accession_number, study_description, status, "
-                          "received_at, last_received_at) VALUES (1, '1.2', 1, '', '', '', "
-                          "'', 'receiving', :t, :t)"), {"t": OLD})
-        conn.execute(text("INSERT INTO series (id, series_instance_uid, study_fk, modality, "
-                          "series_description, body_part_examined, received_at) VALUES "
-                          "(1, '1.2.1', 1, 'CT', '', '', :t)"), {"t": OLD})
+    one_series(engine, "receiving", OLD)
     yield engine
     engine.dispose()
 

@@ -17,6 +17,7 @@ from db.session import make_engine
 from db.tables import utcnow
 from node.leases import Lease
 from node.workflow.outbox import BATCH, claim_due
+from tests.catalogue import one_series
 
 NOW = utcnow()
 LEASE = Lease("11111111-2222-3333-4444-555555555555", 30)
@@ -26,16 +27,7 @@ LEASE = Lease("11111111-2222-3333-4444-555555555555", 30)
 def engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     upgrade(engine)
-    with engine.begin() as conn:
-        conn.execute(text("INSERT INTO patients (id, patient_id, issuer, patient_name, "
-                          "birth_date, sex) VALUES (1, 'P', '', '', '', '')"))
-        conn.execute(text("INSERT INTO studies (id, study_instance_uid, patient_fk, study_date, "
-                          "study_time, accession_number, study_description, status, "
-                          "received_at, last_received_at) VALUES (1, '1.2', 1, '', '', '', "
-                          "'', 'analyzed', :t, :t)"), {"t": NOW})
-        conn.execute(text("INSERT INTO series (id, series_instance_uid, study_fk, modality, "
-                          "series_description, body_part_examined, received_at) VALUES "
-                          "(1, '1.2.1', 1, 'CT', '', '', :t)"), {"t": NOW})
+    one_series(engine, "analyzed", NOW)
     yield engine
     engine.dispose()
 
