@@ -28,44 +28,20 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
-from scipy import ndimage
 
+from analysis.reference import (  # noqa: F401  (the corrections' types are this module's API too)
+    LABELS,
+    Correction,
+    Corrections,
+    CorrectionsError,
+    apply_corrections,
+)
 from analysis.types import LUNG_LEFT, LUNG_RIGHT
 
 SCHEMA = "pacsnode.reference-corrections/1"
 SERIES_DESCRIPTION = "Reference lungs (threshold + corrections)"
 SERIES_NUMBER = 9950
-LABELS = (LUNG_LEFT, LUNG_RIGHT)
 _ACTIONS = ("erase", "drop", "relabel")
-
-
-class CorrectionsError(ValueError):
-    """A corrections file that does not follow the schema; the message names the field."""
-
-
-@dataclass(frozen=True)
-class Correction:
-    """One stated correction (see the module docstring)."""
-
-    action: str
-    slices: tuple[int, int] = (0, 0)
-    rows: tuple[int, int] = (0, 0)
-    columns: tuple[int, int] = (0, 0)
-    labels: tuple[str, ...] = LABELS
-    point: tuple[int, int, int] = (0, 0, 0)
-    to: str = ""
-
-
-@dataclass(frozen=True)
-class Corrections:
-    """A series' hand-checked corrections."""
-
-    name: str
-    series_instance_uid: str
-    lung: bool
-    corrections: tuple[Correction, ...] = ()
-    checked: str = ""
-    source: str = ""
 
 
 def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -160,36 +136,6 @@ def load_corrections(path: Path) -> dict[str, Corrections]:
                                    f"{found[item.series_instance_uid].source}")
         found[item.series_instance_uid] = item
     return found
-
-
-def apply_corrections(masks: Mapping[str, np.ndarray], corrections: Corrections
-                      ) -> dict[str, np.ndarray]:
-    """The masks after the stated corrections, in order; errors name the correction."""
-    out = {label: masks[label].copy() for label in LABELS}
-    shape = out[LUNG_LEFT].shape
-    if not corrections.lung:
-        return {label: np.zeros(shape, dtype=bool) for label in LABELS}
-    for index, item in enumerate(corrections.corrections):
-        where = f"{corrections.source}: corrections[{index}]"
-        if item.action == "erase":
-            box = tuple(slice(a, b) for a, b in (item.slices, item.rows, item.columns))
-            for axis, (a, _) in enumerate((item.slices, item.rows, item.columns)):
-                if a >= shape[axis]:
-                    raise CorrectionsError(f"{where}: starts beyond the volume {shape}")
-            for label in item.labels:
-                out[label][box] = False
-            continue
-        if any(p >= n for p, n in zip(item.point, shape, strict=True)):
-            raise CorrectionsError(f"{where}: point {item.point} outside the volume {shape}")
-        owner = [label for label in LABELS if out[label][item.point]]
-        if not owner:
-            raise CorrectionsError(f"{where}: point {item.point} is in neither lung")
-        pieces, _ = ndimage.label(out[owner[0]], structure=ndimage.generate_binary_structure(3, 1))
-        piece = pieces == pieces[item.point]
-        out[owner[0]] &= ~piece
-        if item.action == "relabel":
-            out[item.to] |= piece
-    return out
 
 
 @dataclass
