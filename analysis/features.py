@@ -61,9 +61,15 @@ GLCM_LEVELS = 32
 GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 _AIR_HU = -400.0
 _BONE_HU = 300.0
+_RING_BONE_HU = 200.0
+#: A trachea lies within this of the body's lateral centre.
+AIRWAY_MIDLINE_MM = 20.0
 #: Internal air below this area (per slice, or in all sampled slices) has no meaningful
 #: sides or median.
 _MIN_AIR_MM2 = 200.0
+#: A slice whose body outline runs along the image edge for more than this fraction
+#: is cut by the field of view (see :func:`edge_contact`).
+FOV_CUT_CONTACT = 0.3
 _HIST_BINS = np.arange(HU_RANGE[0], 2000.0 + 20.0, 20.0)
 _FIRST_ORDER = ("mean", "std", "skewness", "kurtosis", "p05", "p25", "p50", "p75", "p95", "entropy")
 
@@ -89,12 +95,15 @@ SERIES_FEATURES: tuple[str, ...] = (
     "air_blobs_median",
     "air_median_hu",
     "air_bilateral_median",
+    "airway_frac",
     "bone_area_frac_median",
     "bone_depth_mm_median",
     "bone_depth_rel_median",
     "bone_periphery_frac",
     "bone_ring_coverage_median",
     "bone_components_median",
+    "bone_enclosed_frac_median",
+    "fov_cut_frac",
     *[f"glcm_{w}_{p}" for w, _, _ in GLCM_WINDOWS for p in GLCM_PROPS],
 )
 
@@ -112,6 +121,7 @@ class _Sampled:
     grid_mm: float  # in-plane spacing of hu
     slice_step_mm: float  # distance between sampled slices (the series' if one slice)
     lateral_axis: int  # 1 or 2: which in-plane axis runs left-right in the patient
+    posterior_sign: float  # +1 if the other in-plane index grows towards the back, else -1
     z_extent_mm: float
 
 
@@ -255,6 +265,7 @@ def series_features(
     out.update(_shape_features(sampled))
     out.update(_air_features(sampled))
     out.update(_bone_features(sampled))
+    out["fov_cut_frac"] = float(np.mean([edge_contact(m) > FOV_CUT_CONTACT for m in mask]))
     picks = _representative(mask)
     for name, center, width in GLCM_WINDOWS:
         out.update(
@@ -322,6 +333,7 @@ def _sample(
         grid_mm=grid,
         slice_step_mm=float(step),
         lateral_axis=_lateral_axis(volume.affine),
+        posterior_sign=_posterior_sign(volume.affine),
         z_extent_mm=z_extent,
     )
 
@@ -351,6 +363,12 @@ def _close_outline(mask: np.ndarray, grid_mm: float) -> np.ndarray:
     radius = max(1, round(8.0 / grid_mm))
     closed = morph_slicewise(mask, cv2.MORPH_CLOSE, radius)
     return mask | (fill_holes_slicewise(closed) & ~closed)
+
+
+def _posterior_sign(affine: np.ndarray) -> float:
+    """+1 when the in-plane axis that is not the lateral one runs towards the back (+y)."""
+    ap_axis = 3 - _lateral_axis(affine)
+    return 1.0 if affine[1, ap_axis] >= 0 else -1.0
 
 
 def _lateral_axis(affine: np.ndarray) -> int:
@@ -418,6 +436,33 @@ def _shape_features(s: _Sampled) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------- field of view
+
+
+def edge_contact(body: np.ndarray) -> float:
+    """The fraction of a slice's body outline that is the image's edge.
+
+    A body the reconstruction's field of view cuts (a crop around a limb or a tumour,
+    a small cardiac field of view) runs into the image edge along a long stretch of
+    its outline; a whole cross-section touches it at most where an arm or the table
+    reaches the side (a few per cent).
+    """
+    if not body.any():
+        return 0.0
+    m = body.astype(np.uint8)
+    # Outline pixels: body pixels with a non-body 4-neighbour, the outside of the image
+    # counting as non-body, so the edge stretches are outline too.
+    padded = np.pad(m, 1)
+    inner = cv2.erode(padded, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT,
+                      borderValue=0)[1:-1, 1:-1]
+    outline = m.astype(bool) & ~inner.astype(bool)
+    on_edge = np.zeros_like(outline)
+    on_edge[0, :] = on_edge[-1, :] = True
+    on_edge[:, 0] = on_edge[:, -1] = True
+    total = int(outline.sum())
+    return float((outline & on_edge).sum() / total) if total else 0.0
+
+
 # ------------------------------------------------------------------------------ air
 
 
@@ -427,9 +472,12 @@ def _air_features(s: _Sampled) -> dict[str, float]:
     inner = morph_slicewise(s.body, cv2.MORPH_ERODE, max(1, round(3.0 / s.grid_mm)))
     air = (s.hu < _AIR_HU) & inner
     body_px = s.body.sum(axis=(1, 2)).astype(np.float64)
-    largest, blobs, bilateral = [], [], []
+    largest, blobs, bilateral, airway = [], [], [], []
     for k in range(air.shape[0]):
-        _, _, stats, _ = cv2.connectedComponentsWithStats(air[k].astype(np.uint8), connectivity=8)
+        _, _, stats, centroids = cv2.connectedComponentsWithStats(
+            air[k].astype(np.uint8), connectivity=8
+        )
+        airway.append(_has_airway(stats[1:], centroids[1:], s.body[k], s))
         areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
         largest.append(areas.max() / body_px[k] if areas.size and body_px[k] else 0.0)
         blobs.append(float(np.sum(areas * s.grid_mm**2 >= 50.0)))  # >= 0.5 cm²
@@ -447,7 +495,29 @@ def _air_features(s: _Sampled) -> dict[str, float]:
         if air_px * s.grid_mm**2 >= _MIN_AIR_MM2
         else 0.0,
         "air_bilateral_median": float(np.median(bilateral)),
+        "airway_frac": float(np.mean(airway)),
     }
+
+
+def _has_airway(stats: np.ndarray, centroids: np.ndarray, body: np.ndarray, s: _Sampled) -> bool:
+    """A trachea-like air section: 0.5-8 cm², on the midline, in front of the body's centre.
+
+    It marks the neck and the chest; gas in the rectum lies on the midline too, but
+    behind the centre, and bowel gas is rarely that small, round and central.
+    """
+    if not len(stats) or not body.any():
+        return False
+    # OpenCV centroids are (column, row); lateral_axis 2 means the columns run left-right.
+    lat_col = 0 if s.lateral_axis == 2 else 1
+    coords = np.nonzero(body)
+    body_lat = float(coords[s.lateral_axis - 1].mean())
+    body_ap = float(coords[2 - s.lateral_axis].mean())
+    areas = stats[:, cv2.CC_STAT_AREA] * s.grid_mm**2
+    sizes = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) * s.grid_mm
+    central = np.abs(centroids[:, lat_col] - body_lat) * s.grid_mm <= AIRWAY_MIDLINE_MM
+    anterior = (centroids[:, 1 - lat_col] - body_ap) * s.posterior_sign < 0
+    fits = (areas >= 50.0) & (areas <= 800.0) & (sizes <= 40.0) & central & anterior
+    return bool(fits.any())
 
 
 def _bilateral(air: np.ndarray, body: np.ndarray, axis: int) -> float:
@@ -472,6 +542,10 @@ def _bone_features(s: _Sampled) -> dict[str, float]:
     smooth = np.stack([cv2.medianBlur(np.ascontiguousarray(h), 3) for h in s.hu])
     bone = (smooth > _BONE_HU) & s.body
     depths, coverage, components, area_frac = [], [], [], []
+    # Unsmoothed, at a lower threshold and not only within the body: a thin skull
+    # shell at 2 mm pixels is partial-volumed, broken by the median, and a dry skull's
+    # can fall out of the body mask.
+    enclosed = enclosed_by_bone(s.hu > _RING_BONE_HU, s.body, s.grid_mm)
     for k in range(bone.shape[0]):
         body = s.body[k].astype(np.uint8)
         depth = cv2.distanceTransform(body, cv2.DIST_L2, 5) * s.grid_mm
@@ -499,7 +573,22 @@ def _bone_features(s: _Sampled) -> dict[str, float]:
         else 0.0,
         "bone_ring_coverage_median": float(np.median(coverage)),
         "bone_components_median": float(np.median(components)),
+        "bone_enclosed_frac_median": float(np.median(enclosed)),
     }
+
+
+def enclosed_by_bone(bone: np.ndarray, body: np.ndarray, grid_mm: float) -> np.ndarray:
+    """Per slice, the fraction of the body (with what bone encloses) inside a closed bone ring.
+
+    A skull is a closed ring whatever it holds (brain, or air in a dry-skull phantom,
+    which the body mask may then miss: hence the union); ribs leave centimetre gaps
+    and enclose nothing but the spinal canal, a long bone only its marrow. Gaps up to
+    about 4 mm (sutures, a thin squama at 2 mm pixels) are bridged.
+    """
+    closed = morph_slicewise(bone, cv2.MORPH_CLOSE, max(1, round(2.0 / grid_mm)))
+    inside = fill_holes_slicewise(closed) & ~closed
+    whole = np.maximum((body | inside | closed).sum(axis=(1, 2)), 1)
+    return inside.sum(axis=(1, 2)) / whole
 
 
 def _ring_coverage(peripheral_bone: np.ndarray, body: np.ndarray, sectors: int = 36) -> float:

@@ -29,7 +29,7 @@ from analysis.card_errors import ModelCardError, card_error
 from analysis.features import SERIES_FEATURES
 from analysis.model_card import Number, matching
 
-Classifier = Literal["rf", "svm"]
+Classifier = Literal["et", "rf", "svm"]
 ScoreFunction = Literal["f_classif", "mutual_info"]
 REGIONS: tuple[str, ...] = ("head", "chest", "abdomen", "pelvis")
 CLASSIFIERS: tuple[str, ...] = get_args(Classifier)

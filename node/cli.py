@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "pipeline; region: REGION=FOLDER); repeatable")
     train.add_argument("--epochs", type=int, help="lungs: training epochs")
     train.add_argument("--volumes", type=int, help="lungs: generated training volumes")
-    train.add_argument("--classifier", choices=["rf", "svm"], default="rf",
-                       help="region: random forest or support vector machine")
+    train.add_argument("--classifier", choices=["et", "rf", "svm"], default="et",
+                       help="region: extremely randomized trees (the shipped model), "
+                       "random forest or support vector machine")
     train.add_argument("--per-region", type=int, help="region: generated series per region")
     train.add_argument("--real-data", metavar="DIR",
                        help="region: the real series of analysis/training/region_real.py "

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from analysis.phantoms.canvas import Canvas, curve
+from analysis.phantoms.inlet import INLET_T, draw_inlet_slice, inlet_anatomy
 from analysis.phantoms.region_specs import (
     LABEL_BONE,
     LABEL_LIVER,
@@ -88,9 +89,13 @@ def draw_chest(spec: RegionSpec, rng: np.random.Generator) -> tuple[np.ndarray, 
     tr = trunk_anatomy(spec, rng)
     # A thick wall would bury the ribs in the fat of make_phantom's large lungs.
     tr = replace(tr, fat=min(tr.fat, max(0.2 * lr - 8.0, 4.0)))
+    inlet = inlet_anatomy(np.random.default_rng([spec.seed, 9]))
     for k, t in enumerate(positions):
         c = Canvas(hu[k], labels[k], spec.pixel_spacing_mm, spec.offset_mm)
-        _dress_chest_slice(c, float(t), spec, tr, ap, lr)
+        if spec.inlet and t < INLET_T:
+            draw_inlet_slice(c, float(t) / INLET_T, ap, lr, inlet)
+        else:
+            _dress_chest_slice(c, float(t), spec, tr, ap, lr)
     return hu, labels
 
 

@@ -21,6 +21,10 @@ import numpy as np
 from analysis.phantoms.trunk import AIR_HU
 
 PHANTOM_REGIONS = ("head", "chest", "abdomen", "pelvis")
+#: Heads drawn as a QA phantom's dry skull (see RegionSpec.dry_skull).
+DRY_SKULL_FRACTION = 0.2
+#: Chests whose cranial slices show the thoracic inlet (see RegionSpec.inlet).
+INLET_FRACTION = 0.7
 
 #: Labels beyond :mod:`analysis.phantoms.trunk`'s body (1) and lungs (2, 3).
 LABEL_BONE = 4
@@ -75,6 +79,12 @@ class RegionSpec:
         Pixels outside the inscribed reconstruction circle are set to ``padding_hu``.
     offset_mm
         ``(y, x)`` position of the body centre relative to the image centre.
+    dry_skull
+        Heads only: a QA phantom's dry skull, bone in air with air inside it (no scalp,
+        no brain), as in the real stereotactic head phantom.
+    inlet
+        Chest only: the cranial slices show the thoracic inlet (lower neck, shoulders,
+        apices; :mod:`analysis.phantoms.inlet`), as real chest protocols start there.
     """
 
     region: str
@@ -95,6 +105,8 @@ class RegionSpec:
     fov_circle: bool
     padding_hu: float
     offset_mm: tuple[float, float]
+    dry_skull: bool = False
+    inlet: bool = False
 
     # Names analysis.phantoms.dicom_series.ct_series_datasets reads, so region phantoms can be written
     # as DICOM like analysis.phantoms.trunk's.
@@ -171,6 +183,9 @@ def random_region_spec(region: str, seed: int = 0, **overrides: object) -> Regio
         padding_hu=float(rng.choice([PADDING_HU, AIR_HU, -2000.0])),
         offset_mm=(float(rng.normal(0, 8)), float(rng.normal(0, 10))),
     )
+    # Drawn last, so that every other field is what it was before heads could be dry.
+    drawn["dry_skull"] = bool(rng.uniform() < DRY_SKULL_FRACTION) and head
+    drawn["inlet"] = bool(rng.uniform() < INLET_FRACTION) and region == "chest"
     drawn.update(overrides)
     size, aspect = float(drawn["size"]), float(drawn["aspect"])  # type: ignore[arg-type]
     if "fat_mm" not in overrides and not head:

@@ -89,6 +89,9 @@ __all__ = [
     "random_region_spec",
 ]
 
+#: In a dry skull, what is below this (scalp, brain, orbits) is air.
+DRY_BONE_HU = 250.0
+
 # Per-region anatomy (one patient) and slice drawers; the chest is drawn apart
 # (draw_chest), on analysis.phantoms.trunk's phantom.
 _ANATOMY: dict[str, Callable[[RegionSpec, np.random.Generator], object]] = {
@@ -140,6 +143,8 @@ def draw_region_phantom(spec: RegionSpec) -> RegionPhantom:
         for k, t in enumerate(slice_positions(spec)):
             canvas = Canvas(hu[k], labels[k], spec.pixel_spacing_mm, spec.offset_mm)
             draw_slice(canvas, float(t), spec, anatomy)
+            if spec.dry_skull:
+                _dry(hu[k], labels[k])
             _draw_support(canvas, spec)
     if spec.region != "head":
         _vary_along_z(hu, labels, spec, np.random.default_rng([spec.seed, index, 4]))
@@ -164,6 +169,13 @@ def phantom_volume(phantom: RegionPhantom) -> ImageVolume:
         ]
     )
     return ImageVolume(hu=phantom.hu, spacing_mm=(dz, s, s), affine=affine)
+
+
+def _dry(hu: np.ndarray, labels: np.ndarray) -> None:
+    """In place: everything of the head below bone density becomes air (a dry skull)."""
+    soft = (labels > 0) & (hu < DRY_BONE_HU)
+    hu[soft] = AIR_HU
+    labels[soft & (labels != LABEL_BONE)] = LABEL_BODY
 
 
 def _finish(hu: np.ndarray, spec: RegionSpec, rng: np.random.Generator) -> None:

@@ -35,17 +35,19 @@ from sklearn.base import clone
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import StratifiedKFold
 
-from analysis.features import SERIES_FEATURES, feature_vector, series_features
+from analysis.features import NoBodyError, feature_vector, series_features
 from analysis.phantoms.regions import make_region_phantom, phantom_volume
 from analysis.region import (
+    DEFAULT_CLASSIFIER,
     DEFAULT_K,
     DEFAULT_THRESHOLD,
+    MODEL_FEATURES,
     OTHER,
     REGIONS,
     RegionModel,
     build_pipeline,
 )
-from analysis.region_card import CARD_SCHEMA
+from analysis.region_card import CARD_SCHEMA, CLASSIFIERS
 from analysis.training import region_real
 from analysis.types import ImageVolume
 from analysis.volume import volume_from_datasets
@@ -57,6 +59,8 @@ MODEL_VERSION = "1.0.0"
 DEFAULT_PER_REGION = 100
 DEFAULT_TEST_PER_REGION = 25
 DEFAULT_CV_FOLDS = 5
+#: Single slices of each phantom added to the training set beside its whole series.
+SLICES_PER_PHANTOM = 6
 #: Phantom seeds: ``seed * 1_000_000 + split offset + region index * 100_000 + i``.
 #: With ``--seed 0`` training uses 0.., held-back 500_000..; seeds from
 #: :data:`UNSEEN_SEEDS_START` up to 999_999 are never used by seed 0 and are free for tests.
@@ -86,9 +90,34 @@ def phantom_seeds(region: str, count: int, seed: int = 0, *, held_back: bool = F
 def phantom_features(
     region: str, seed: int, overrides: Mapping[str, object] | None = None
 ) -> np.ndarray:
-    """The feature row of one generated phantom."""
-    phantom = make_region_phantom(region, seed, **dict(overrides or {}))
-    return feature_vector(series_features(phantom_volume(phantom)))
+    """The feature row (:data:`MODEL_FEATURES`) of one generated phantom's whole series."""
+    return phantom_samples(region, seed, overrides, slices=0)[0]
+
+
+def phantom_samples(
+    region: str,
+    seed: int,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    slices: int = SLICES_PER_PHANTOM,
+) -> list[np.ndarray]:
+    """Feature rows of one phantom: its whole series, then up to ``slices`` single slices.
+
+    Scanners send single slices and short series too, and a slice alone looks unlike
+    the whole series it came from (a neck slice of a chest CT); the slices are picked
+    from the phantom's seed.
+    """
+    volume = phantom_volume(make_region_phantom(region, seed, **dict(overrides or {})))
+    rows = [feature_vector(series_features(volume), MODEL_FEATURES)]
+    n = volume.hu.shape[0]
+    picks = np.random.default_rng([seed, 5]).choice(n, size=min(slices, n), replace=False)
+    for i in sorted(int(i) for i in picks):
+        try:
+            rows.append(feature_vector(series_features(region_real.window(volume, i, i + 1)),
+                                       MODEL_FEATURES))
+        except NoBodyError:  # a slice beyond the body's end (the vertex, the thighs' gap)
+            continue
+    return rows
 
 
 def load_series(folder: Path) -> list[tuple[str, ImageVolume]]:
@@ -121,7 +150,7 @@ def _is_image(ds: pydicom.Dataset) -> bool:
 def train_region(
     out_dir: Path | str,
     *,
-    classifier: str = "rf",
+    classifier: str = DEFAULT_CLASSIFIER,
     per_region: int = DEFAULT_PER_REGION,
     test_per_region: int = DEFAULT_TEST_PER_REGION,
     seed: int = 0,
@@ -142,7 +171,8 @@ def train_region(
     out_dir
         Receives ``model.joblib`` and ``card.json`` (created if missing).
     classifier
-        ``"rf"`` (random forest) or ``"svm"``.
+        ``"et"`` (extremely randomized trees, the default), ``"rf"`` (random forest) or
+        ``"svm"``.
     per_region, test_per_region
         Generated phantoms per region for training and for the held-back test.
     seed
@@ -179,8 +209,10 @@ def train_region(
         raise ValueError("per_region must be at least 2 and test_per_region at least 1")
     started = time.monotonic()
     overrides = dict(phantom_overrides or {})
-    x_train, y_train = _synthetic_set(per_region, seed, overrides, n_jobs, held_back=False)
-    x_test, y_test = _synthetic_set(test_per_region, seed, overrides, n_jobs, held_back=True)
+    x_train, y_train, whole_train = _synthetic_set(per_region, seed, overrides, n_jobs,
+                                                   held_back=False)
+    x_test, y_test, whole_test = _synthetic_set(test_per_region, seed, overrides, n_jobs,
+                                                held_back=True)
     real_rows, real_record = _real_set(real)
     x_synthetic, y_synthetic = x_train, y_train
     if real_rows:
@@ -219,8 +251,10 @@ def train_region(
         real=real_record,
         y_train=y_train,
         cv=cv,
-        held_back=_held_back(pipeline, x_test, y_test, threshold),
-        reference=_reference_rows(x_train, per_region, seed),
+        held_back=_held_back(pipeline, x_test[whole_test], y_test[whole_test], threshold),
+        held_back_slices=_held_back(pipeline, x_test[~whole_test], y_test[~whole_test],
+                                    threshold),
+        reference=_reference_rows(x_synthetic, y_synthetic, whole_train, seed),
     )
     if windows:
         with _constant_features_allowed():
@@ -250,16 +284,20 @@ def _constant_features_allowed() -> Iterator[None]:
 
 def _synthetic_set(
     count: int, seed: int, overrides: Mapping[str, object], n_jobs: int, *, held_back: bool
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, their regions, and which rows are whole series (the rest single slices)."""
     jobs = [
         (region, s)
         for region in REGIONS
         for s in phantom_seeds(region, count, seed, held_back=held_back)
     ]
-    rows = Parallel(n_jobs=n_jobs)(
-        delayed(phantom_features)(region, s, overrides) for region, s in jobs
+    samples = Parallel(n_jobs=n_jobs)(
+        delayed(phantom_samples)(region, s, overrides) for region, s in jobs
     )
-    return np.array(rows, dtype=np.float64), np.array([region for region, _ in jobs])
+    rows = [row for sample in samples for row in sample]
+    regions = [region for (region, _), sample in zip(jobs, samples, strict=True) for _ in sample]
+    whole = [i == 0 for sample in samples for i in range(len(sample))]
+    return np.array(rows, dtype=np.float64), np.array(regions), np.array(whole)
 
 
 def _real_set(
@@ -275,7 +313,7 @@ def _real_set(
         if not series:
             raise ValueError(f"no image series found in {folder}")
         for _, volume in series:
-            rows.append((feature_vector(series_features(volume)), region))
+            rows.append((feature_vector(series_features(volume), MODEL_FEATURES), region))
         record.append(
             {
                 "region": region,
@@ -324,24 +362,27 @@ def _held_back(pipeline: Any, x: np.ndarray, y: np.ndarray, threshold: float) ->
     }
 
 
-def _reference_rows(x_train: np.ndarray, per_region: int, seed: int) -> dict[str, Any]:
-    """The first training phantom's features per region, to 6 significant digits.
+def _reference_rows(
+    x_train: np.ndarray, y_train: np.ndarray, whole: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """The first training phantom's whole-series features per region, to 6 significant digits.
 
     A test recomputes them: if phantoms or features change, the shipped model no longer
     matches what the documented command would train, and must be retrained.
     """
+    first = {region: int(np.flatnonzero((y_train == region) & whole)[0]) for region in REGIONS}
     return {
         region: {
             "seed": phantom_seeds(region, 1, seed)[0],
-            "features": [float(f"{v:.6g}") for v in x_train[i * per_region]],
+            "features": [float(f"{v:.6g}") for v in x_train[first[region]]],
         }
-        for i, region in enumerate(REGIONS)
+        for region in REGIONS
     }
 
 
 def _selected_features(pipeline: Any) -> list[str]:
     support = pipeline.named_steps["select"].get_support()
-    return [name for name, keep in zip(SERIES_FEATURES, support, strict=True) if keep]
+    return [name for name, keep in zip(MODEL_FEATURES, support, strict=True) if keep]
 
 
 def _card(
@@ -359,6 +400,7 @@ def _card(
     y_train: np.ndarray,
     cv: Mapping[str, Any],
     held_back: Mapping[str, Any],
+    held_back_slices: Mapping[str, Any],
     reference: Mapping[str, Any],
 ) -> dict[str, Any]:
     estimator = pipeline.named_steps["classify"]
@@ -395,7 +437,7 @@ def _card(
         "feature_selection": {"score_func": score_func, "k": int(k)},
         "features": {
             "extractor": "analysis.features.series_features",
-            "input": list(SERIES_FEATURES),
+            "input": list(MODEL_FEATURES),
             "selected": _selected_features(pipeline),
         },
         "training_data": {
@@ -426,8 +468,17 @@ def _card(
             "held_back_confusion": {"labels": list(REGIONS), "matrix": held_back["confusion"]},
             "held_back_other_rate": held_back["other_rate"],
             "held_back_confident_accuracy": held_back["confident_accuracy"],
+            "held_back_slices": {
+                "count": held_back_slices["count"],
+                "accuracy": held_back_slices["accuracy"],
+                "other_rate": held_back_slices["other_rate"],
+                "confusion": {"labels": list(REGIONS), "matrix": held_back_slices["confusion"]},
+            },
             "note": "accuracies are of the top class (no threshold) on generated phantoms; "
-            "confusion rows are the truth, columns the predictions",
+            "held_back_* are whole series, held_back_slices single slices of them; the "
+            "training set holds each phantom's whole series and up to "
+            f"{SLICES_PER_PHANTOM} of its slices; confusion rows are the truth, columns "
+            "the predictions",
         },
         "intended_use": (
             "Routing and header sanity checks (BodyPartExamined) in pacsnode; not for diagnosis. "
@@ -477,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, required=True, help="directory for model.joblib and card.json"
     )
-    parser.add_argument("--classifier", choices=["rf", "svm"], default="rf")
+    parser.add_argument("--classifier", choices=list(CLASSIFIERS), default=DEFAULT_CLASSIFIER)
     parser.add_argument(
         "--per-region", type=int, default=DEFAULT_PER_REGION, help="training phantoms per region"
     )

@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.base import clone
 
 from analysis.features import feature_vector, series_features
-from analysis.region import OTHER, REGIONS
+from analysis.region import MAX_FOV_CUT_FRACTION, MODEL_FEATURES, OTHER, REGIONS
 from analysis.types import ImageVolume
 
 log = logging.getLogger("pacsnode.train_region")
@@ -56,6 +56,7 @@ class RealRow:
     region: str
     patient: str
     whole: bool  # the whole series, not a window
+    fov_cut_frac: float = 0.0  # decides "other" by rule, as RegionModel.predict_features does
 
 
 def window(volume: ImageVolume, start: int, stop: int) -> ImageVolume:
@@ -93,10 +94,12 @@ def real_rows(root: Path, load: Any, seed: int = 0,
             continue
         series = load(path)
         for _, volume in series:
-            rows.append(RealRow(feature_vector(series_features(volume)), region, patient, True))
-            for start, stop in window_bounds(volume.hu.shape[0], windows, rng):
-                features = series_features(window(volume, start, stop))
-                rows.append(RealRow(feature_vector(features), region, patient, False))
+            parts = [(volume, True)] + [(window(volume, start, stop), False) for start, stop
+                                         in window_bounds(volume.hu.shape[0], windows, rng)]
+            for part, whole in parts:
+                features = series_features(part)
+                rows.append(RealRow(feature_vector(features, MODEL_FEATURES), region, patient,
+                                    whole, features["fov_cut_frac"]))
         record.append({"folder": folder, "region": region, "patient": patient,
                        "series": len(series),
                        "slices": [int(v.hu.shape[0]) for _, v in series],
@@ -127,7 +130,7 @@ def leave_one_patient_out(pipeline: Any, x_synthetic: np.ndarray, y_synthetic: n
         x = np.vstack([x_synthetic, x_real]) if len(y_real) else x_synthetic
         y = np.concatenate([y_synthetic, y_real]) if len(y_real) else y_synthetic
         model = clone(pipeline).fit(x, y)
-        labels = [_decide(model, r.features, threshold) for r in held]
+        labels = [_decide(model, r, threshold) for r in held]
         region = held[0].region
         whole = [(label, p) for (label, p), r in zip(labels, held, strict=True) if r.whole]
         windows = [label for (label, _), r in zip(labels, held, strict=True) if not r.whole]
@@ -144,10 +147,12 @@ def leave_one_patient_out(pipeline: Any, x_synthetic: np.ndarray, y_synthetic: n
     return out
 
 
-def _decide(model: Any, features: np.ndarray, threshold: float) -> tuple[str, float]:
-    probs = model.predict_proba(features[None, :])[0]
+def _decide(model: Any, row: RealRow, threshold: float) -> tuple[str, float]:
+    probs = model.predict_proba(row.features[None, :])[0]
     best = int(np.argmax(probs))
     label = str(model.classes_[best])
+    if row.fov_cut_frac > MAX_FOV_CUT_FRACTION:
+        return OTHER, float(probs[best])
     return (label if probs[best] >= threshold else OTHER), float(probs[best])
 
 
