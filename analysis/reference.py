@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -59,6 +60,8 @@ from analysis.segment import _Lateral, _lateral, fill_holes_slicewise, segment_b
 from analysis.types import LUNG_LEFT, LUNG_RIGHT
 
 #: Air inside the body: below this.
+#: The hand-checked corrections of the real series' references, one JSON file each.
+CORRECTIONS_DIR = Path(__file__).resolve().parent / "reference_corrections"
 AIR_HU = -400.0
 #: The top of the series searched for a tracheal seed (mm from the top slice).
 SEED_MM = 30.0

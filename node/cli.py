@@ -272,7 +272,17 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     if args.task == "lungs":
         from analysis.training.lungs import train_lungs
 
-        kwargs: dict[str, Any] = {"seed": args.seed, "real_folders": [Path(p) for p in args.real]}
+        kwargs: dict[str, Any] = {"seed": args.seed, "real_folders": [Path(p) for p in args.real],
+                                  "real_labels": args.real_labels}
+        if args.real and args.real_labels == "reference":
+            from analysis.reference import CORRECTIONS_DIR
+            from node.reference import CorrectionsError, load_corrections
+
+            source = Path(args.corrections) if args.corrections else CORRECTIONS_DIR
+            try:
+                kwargs["corrections"] = load_corrections(source) if source.exists() else {}
+            except CorrectionsError as exc:
+                raise CLIError(f"--corrections: {exc}") from None
         if args.epochs is not None:
             kwargs["epochs"] = args.epochs
         if args.volumes is not None:
@@ -429,8 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the model and its card go (default: the shipped model's folder)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--real", action="append", default=[], metavar="FOLDER",
-                       help="real CT folder to add (lungs: FOLDER, labelled by the classical "
-                       "pipeline; region: REGION=FOLDER); repeatable")
+                       help="real CT folder to add (lungs: FOLDER, labelled as --real-labels "
+                       "says; region: REGION=FOLDER); repeatable")
+    train.add_argument("--real-labels", choices=["reference", "classical"], default="reference",
+                       help="lungs: label real folders by the reference procedure with the "
+                       "hand-checked corrections (the masks `pacsnode reference` writes) or "
+                       "by the classical pipeline")
+    train.add_argument("--corrections", metavar="FILE|DIR",
+                       help="lungs: corrections of the references (default: "
+                       "analysis/reference_corrections)")
     train.add_argument("--epochs", type=int, help="lungs: training epochs")
     train.add_argument("--volumes", type=int, help="lungs: generated training volumes")
     train.add_argument("--classifier", choices=["et", "rf", "svm"], default="et",

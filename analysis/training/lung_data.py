@@ -1,8 +1,9 @@
 """Training and evaluation slices for the body-and-lungs segmentation model.
 
 Slices come from generated phantoms (:mod:`analysis.phantoms.trunk`) drawn from a seed with
-realistic variety, and optionally from real CT folders labelled by the classical
-``ct-body-lungs`` pipeline. Every slice is put on the model's grid by
+realistic variety, and optionally from real CT folders labelled by the reference
+procedure of :mod:`analysis.reference` with the series' hand-checked corrections (or,
+asked for, by the classical ``ct-body-lungs`` pipeline). Every slice is put on the model's grid by
 :mod:`analysis.slice_grid`, exactly as at inference. Targets are class indices:
 0 background, 1 body (not lung), 2 left lung, 3 right lung, as the phantoms label them.
 
@@ -17,10 +18,10 @@ Kinds of phantom volume, so the model learns what is *not* lung as well as what 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -37,11 +38,16 @@ from analysis.phantoms.trunk import (
 )
 from analysis.slice_grid import GridSpec
 
+if TYPE_CHECKING:
+    from analysis.reference import Corrections
+
 KINDS = ("chest", "base", "abdomen", "head")
 #: Share of each kind among generated volumes.
 KIND_WEIGHTS = (0.35, 0.35, 0.18, 0.12)
 #: Output classes of the targets.
 CLASSES = ("background", "body", "lung_left", "lung_right")
+#: How real training series are labelled (see :func:`real_slices`).
+REAL_LABELS = ("reference", "classical")
 
 
 @dataclass(frozen=True)
@@ -316,17 +322,31 @@ def synthetic_set(
 # ------------------------------------------------------------------------ real CT
 
 
-def real_slices(folders: Sequence[Path], grid: GridSpec) -> tuple[SliceSet, list[dict[str, object]]]:
-    """Slices of real CT series, labelled by the classical ``ct-body-lungs`` pipeline.
+def real_slices(folders: Sequence[Path], grid: GridSpec, *, labels: str = "reference",
+                corrections: Mapping[str, Corrections] | None = None,
+                ) -> tuple[SliceSet, list[dict[str, object]]]:
+    """Slices of real CT series with their labels.
 
     Every readable CT image series under each folder is used; what is skipped (not
     an image, not a regular volume, not axial) is listed in the returned records.
+
+    Parameters
+    ----------
+    labels
+        ``"reference"``: the lungs by the reference procedure (:mod:`analysis.reference`,
+        the masks ``pacsnode reference`` saves as SEG), then the series' hand-checked
+        corrections if ``corrections`` has them, the body by the same procedure;
+        ``"classical"``: body and lungs by the classical ``ct-body-lungs`` pipeline.
+    corrections
+        Series Instance UID -> corrections (``analysis/reference_corrections``, loaded by
+        ``node.reference.load_corrections``).
     """
     import pydicom
 
-    from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
     from analysis.volume import VolumeError, volume_from_datasets
 
+    if labels not in REAL_LABELS:
+        raise ValueError(f"labels must be one of {', '.join(REAL_LABELS)}, got {labels!r}")
     parts, records = [], []
     for folder in folders:
         series: dict[str, list[pydicom.Dataset]] = {}
@@ -340,7 +360,8 @@ def real_slices(folders: Sequence[Path], grid: GridSpec) -> tuple[SliceSet, list
             if "PixelData" in ds and getattr(ds, "Modality", "") == "CT":
                 series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
         for uid, datasets in series.items():
-            record: dict[str, object] = {"folder": str(folder), "series": uid, "slices": 0}
+            record: dict[str, object] = {"folder": str(folder), "series": uid, "slices": 0,
+                                         "labels": labels}
             try:
                 volume, _ = volume_from_datasets(datasets)
                 orientation = slice_grid.orientation_of(volume.affine)
@@ -348,20 +369,43 @@ def real_slices(folders: Sequence[Path], grid: GridSpec) -> tuple[SliceSet, list
                 record["skipped"] = str(error)
                 records.append(record)
                 continue
-            masks = _classical_pipeline().run(volume).masks
-            labels = np.zeros(volume.hu.shape, dtype=np.uint8)
-            labels[masks[BODY]] = 1
-            labels[masks[LUNG_LEFT]] = 2
-            labels[masks[LUNG_RIGHT]] = 3
+            fixes = (corrections or {}).get(uid)
+            if labels == "reference":
+                record["corrections"] = fixes.source if fixes else None
+            lab = _real_labels(volume, labels, fixes)
             spacing = slice_grid.standard_spacing(volume.spacing_mm[1:], orientation)
             hu = slice_grid.to_standard(volume.hu, orientation)
-            lab = slice_grid.to_standard(labels, orientation)
+            lab = slice_grid.to_standard(lab, orientation)
             place = slice_grid.placement(hu.shape[1:], spacing, grid)
             x = slice_grid.to_model_grid(hu, place, grid).astype(np.float16)
             parts.append(SliceSet(x, slice_grid.to_model_grid(lab, place, grid, labels=True)))
             record["slices"] = int(hu.shape[0])
             records.append(record)
     return SliceSet.concatenate(parts, grid.size), records
+
+
+def _real_labels(volume: Any, labels: str, fixes: Corrections | None) -> np.ndarray:
+    """Class indices (0 background, 1 body, 2 left lung, 3 right lung) of a real volume."""
+    from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT
+
+    if labels == "classical":
+        masks = _classical_pipeline().run(volume).masks
+        body, left, right = masks[BODY], masks[LUNG_LEFT], masks[LUNG_RIGHT]
+    else:
+        from analysis.reference import apply_corrections, reference_lungs
+
+        found = reference_lungs(volume.hu, volume.spacing_mm, volume.affine)
+        lungs = {LUNG_LEFT: found.left, LUNG_RIGHT: found.right}
+        if fixes is not None:
+            lungs = apply_corrections(lungs, fixes)
+        left, right = lungs[LUNG_LEFT], lungs[LUNG_RIGHT]
+        # The trachea and main bronchi the procedure removed are body, not lung.
+        body = found.body | left | right
+    out = np.zeros(volume.hu.shape, dtype=np.uint8)
+    out[body] = 1
+    out[left] = 2
+    out[right] = 3
+    return out
 
 
 def _classical_pipeline() -> Any:

@@ -2,8 +2,8 @@
 
 ``python -m analysis.training.lungs --out analysis/models/lungs`` (the defaults) is the
 command that produced the shipped model. Training data are generated phantoms
-(:mod:`analysis.training.lung_data`), plus real CT folders labelled by the classical pipeline
-when ``--real`` names any. Seeds are fixed and TensorFlow runs deterministic ops, so
+(:mod:`analysis.training.lung_data`), plus real CT folders when ``--real`` names any,
+labelled by the reference procedure (``--real-labels classical``: the classical pipeline). Seeds are fixed and TensorFlow runs deterministic ops, so
 the same command on the same machine and versions writes the same weights; a
 held-back set of generated volumes, segmented through the full inference path
 (orientation, resampling and back), gives the Dice coefficients in the card.
@@ -19,9 +19,9 @@ import platform
 import sys
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from analysis.slice_grid import GridSpec
 from analysis.training import lung_data
 from analysis.training.lung_data import KIND_WEIGHTS, KINDS, SliceSet, Volume
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, ImageVolume
+
+if TYPE_CHECKING:
+    from analysis.reference import Corrections
 
 #: Field of view of the model's input canvas, whatever its size in pixels.
 FIELD_OF_VIEW_MM = 512.0
@@ -66,6 +69,8 @@ def train_lungs(
     epochs: int = DEFAULT_EPOCHS,
     slice_size: int = 256,
     real_folders: Sequence[Path] = (),
+    real_labels: str = "reference",
+    corrections: Mapping[str, Corrections] | None = None,
     slices_per_volume: int = DEFAULT_SLICES_PER_VOLUME,
     eval_volumes: int = DEFAULT_EVAL_VOLUMES,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -90,8 +95,13 @@ def train_lungs(
         Model input size; the canvas always covers :data:`FIELD_OF_VIEW_MM`, so a
         smaller size means coarser pixels (64 for quick tests).
     real_folders
-        Folders of real CT series added to the training data, labelled by the
-        classical ``ct-body-lungs`` pipeline.
+        Folders of real CT series added to the training data.
+    real_labels
+        How they are labelled: ``"reference"`` (the reference procedure of
+        :mod:`analysis.reference` with ``corrections``, the masks ``pacsnode reference``
+        writes) or ``"classical"`` (the ``ct-body-lungs-classical`` pipeline).
+    corrections
+        Series Instance UID -> hand-checked corrections of its reference.
     slices_per_volume
         Slices drawn per generated volume, spread from its top to its bottom.
     eval_volumes
@@ -122,7 +132,8 @@ def train_lungs(
 
     say(f"generating {volumes} training volumes ...", flush=True)
     synthetic, counts = lung_data.synthetic_set(seed, volumes, grid, slices=slices_per_volume)
-    real, real_records = lung_data.real_slices([Path(f) for f in real_folders], grid)
+    real, real_records = lung_data.real_slices([Path(f) for f in real_folders], grid,
+                                               labels=real_labels, corrections=corrections)
     crop = crop_size or max(32, slice_size * 3 // 4 // 32 * 32)
     train = crop_around_body(SliceSet.concatenate([synthetic, real], grid.size), crop,
                              np.random.default_rng([seed, 3]))
@@ -392,6 +403,8 @@ def _training_record(
 ) -> dict[str, Any]:
     command = (f"python -m analysis.training.lungs --out DIR --seed {seed} --volumes {volumes} "
                f"--epochs {epochs}" + "".join(f" --real {f}" for f in real_folders))
+    if any(r.get("labels") == "classical" for r in real_records):
+        command += " --real-labels classical"
     return {
         "command": command,
         "seed": seed,
@@ -467,12 +480,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slice-size", type=int, default=256)
     parser.add_argument("--eval-volumes", type=int, default=DEFAULT_EVAL_VOLUMES)
     parser.add_argument("--real", type=Path, action="append", default=[], metavar="FOLDER",
-                        help="a folder of real CT series to add, labelled by ct-body-lungs (repeatable)")
+                        help="a folder of real CT series to add (repeatable)")
+    parser.add_argument("--real-labels", choices=lung_data.REAL_LABELS, default="reference",
+                        help="label real series by the reference procedure (without "
+                             "corrections here: pacsnode train applies them) or by the "
+                             "classical pipeline")
     args = parser.parse_args(argv)
     try:
         card = train_lungs(
             args.out, seed=args.seed, volumes=args.volumes, epochs=args.epochs,
             slice_size=args.slice_size, real_folders=args.real, eval_volumes=args.eval_volumes,
+            real_labels=args.real_labels,
         )
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
