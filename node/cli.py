@@ -332,8 +332,12 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         missing = [p for p in args.reference if not Path(p).exists()]
         if missing:
             raise CLIError(f"--reference: no such file or folder: {', '.join(missing)}")
+        known = [m.name for m in settings.models]
+        if args.model and args.model not in known:
+            raise CLIError(f"--model {args.model!r}: not in the configuration's models "
+                           f"({', '.join(known) or 'none configured'})")
         scores = evaluate.evaluate_paths(args.paths, settings, regions=labels,
-                                         references=args.reference)
+                                         references=args.reference, model=args.model)
     summary = evaluate.summarise(scores)
     if args.json:
         print(json.dumps({"series": [s.as_dict() for s in scores], "summary": summary}, indent=2))
@@ -474,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "'pacsnode reference' (repeatable)")
     evaluate.add_argument("--synthetic", type=int, metavar="N",
                           help="evaluate on N generated series per region held back from training")
+    evaluate.add_argument("--model", metavar="NAME",
+                          help="a model of the configuration's models: in place of the "
+                               "shipped U-Net (e.g. one trained with pacsnode train --out)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)

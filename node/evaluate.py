@@ -186,9 +186,11 @@ def _expected_region(uid: str, files: Sequence[str], regions: Mapping[str, str])
 def evaluate_paths(
     paths: Sequence[str | Path], settings: Settings, *, pipeline: str = "ct-body-lungs",
     regions: Mapping[str, str] | None = None, references: Sequence[str | Path] = (),
+    model: str | None = None,
 ) -> list[SeriesScore]:
     """Score every image series under ``paths`` that has a reference SEG (beside it or
-    under ``references``) or a region."""
+    under ``references``) or a region; ``model`` names a configured model to use in
+    place of the shipped U-Net."""
     from analysis.pipeline import get_pipeline
     from node.dicom.scu import iter_files
     from node.workflow.analyze import (
@@ -241,7 +243,7 @@ def evaluate_paths(
                 score.notes.append("the reference SEG has no body or lung segment")
         no_lung = expected in NO_LUNG_REGIONS and not reference
         if reference or no_lung:
-            result = chosen.run(loaded.volume, pipeline_context(chosen, settings, None))
+            result = chosen.run(loaded.volume, pipeline_context(chosen, settings, model))
             score.dice = score_masks(result, reference)
             score.notes += result.notes
             if no_lung:

@@ -68,3 +68,11 @@ def test_train_cli_names_a_bad_corrections_file(folder: Path, tmp_path: Path,
                  str(folder), "--corrections", str(bad), "--epochs", "1", "--volumes", "1"])
     assert code != 0
     assert "--corrections" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_model_that_is_not_configured(folder: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", str(folder), "--model", "mine"])
+    assert code != 0
+    assert "--model 'mine': not in the configuration's models (none configured)" in (
+        capsys.readouterr().err)
