@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy import stats
-from skimage.feature import graycomatrix, graycoprops
 
 from analysis.segment import (
     fill_holes_slicewise,
     morph_slicewise,
     segment_body,
 )
+from analysis.texture import GLCM_PROPS, GLCM_WINDOWS, glcm_features
 from analysis.types import ImageVolume
 
 #: Stored CT values span -1024..3071 HU; padding outside the reconstruction circle
@@ -54,11 +54,6 @@ TISSUE_RANGES: tuple[tuple[str, float, float], ...] = (
     ("bone", 300.0, math.inf),
     ("cortical", 700.0, math.inf),
 )
-#: GLCM windows (name, centre, width): broad to see air against tissue and bone, soft
-#: tissue to see texture within organs. Quantised to GLCM_LEVELS grey levels.
-GLCM_WINDOWS: tuple[tuple[str, float, float], ...] = (("wide", 0.0, 2000.0), ("soft", 40.0, 400.0))
-GLCM_LEVELS = 32
-GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 _AIR_HU = -400.0
 _BONE_HU = 300.0
 _RING_BONE_HU = 200.0
@@ -165,60 +160,6 @@ def first_order(values: np.ndarray, prefix: str = "hu") -> dict[str, float]:
     out = dict(zip(names[:10], [mean, std, skew, kurt, *map(float, p), entropy], strict=True))
     for name, low, high in TISSUE_RANGES:
         out[f"frac_{name}"] = float(np.mean((v >= low) & (v < high)))
-    return out
-
-
-# ------------------------------------------------------------------------------- GLCM
-
-
-def glcm_features(
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    *,
-    center: float,
-    width: float,
-    distances: Sequence[int] = (1, 2),
-    prefix: str = "glcm",
-) -> dict[str, float]:
-    """GLCM properties of HU images within masks, averaged over 4 angles and distances.
-
-    ``distances`` are in pixels of the images: on the series' 2 mm grid the defaults
-    pair pixels 2 and 4 mm apart, on a segment's 1 mm grid 1 and 2 mm apart.
-
-    Pixels inside a mask are windowed and quantised to levels ``1..GLCM_LEVELS-1``;
-    outside is level 0, whose co-occurrences are dropped before normalising, so the
-    outline and the background do not count as texture. The counts of all images are
-    pooled before the properties are taken.
-
-    Returns
-    -------
-    dict
-        ``{prefix}_{prop}`` for each of :data:`GLCM_PROPS`; zeros without pairs.
-    """
-    levels = GLCM_LEVELS
-    angles = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
-    total = np.zeros((levels, levels, len(distances), len(angles)), dtype=np.float64)
-    low = center - width / 2.0
-    for image, mask in zip(images, masks, strict=True):
-        if mask.sum() < 4:
-            continue
-        q = np.clip((image - low) / width, 0.0, 1.0) * (levels - 2)
-        quantised = np.where(mask, np.rint(q).astype(np.uint8) + 1, 0).astype(np.uint8)
-        total += graycomatrix(
-            quantised, distances=list(distances), angles=list(angles), levels=levels, symmetric=True
-        )
-    total[0, :, :, :] = 0
-    total[:, 0, :, :] = 0
-    sums = total.sum(axis=(0, 1), keepdims=True)
-    if not np.all(sums > 0):
-        return {f"{prefix}_{prop}": 0.0 for prop in GLCM_PROPS}
-    normed = total / sums
-    out = {}
-    for prop in GLCM_PROPS:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            value = graycoprops(normed, prop)
-        # Correlation is undefined (NaN) on a constant image: call it 1, perfectly predictable.
-        out[f"{prefix}_{prop}"] = float(np.nan_to_num(value, nan=1.0).mean())
     return out
 
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from analysis.features import HU_RANGE, finite_or_zero, first_order, glcm_features
+from analysis.features import HU_RANGE, finite_or_zero, first_order
 from analysis.segment import bounding_box
+from analysis.texture import glcm_features
 
 #: In-plane grid of the segment features.
 SEGMENT_GRID_MM = 1.0
