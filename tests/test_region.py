@@ -643,3 +643,21 @@ def test_shipped_model_calls_the_inlet_chest(shipped: RegionModel) -> None:
     assert labels((0.0, 0.5)) == ["chest"] * 6
     neck = labels((0.0, 0.12))
     assert neck.count("chest") >= 3, neck
+
+
+def test_the_trachea_is_found_in_front_whichever_way_the_patient_lies() -> None:
+    """airway_frac reads anterior from the affine: a prone (rows reversed) or mirrored
+    series of the same neck still has its trachea in front of the body's centre."""
+    seed = next(s for s in range(100)
+                if random_region_spec("chest", s, coverage=(0.0, 0.1), slices=2).inlet)
+    volume = _volume("chest", seed, coverage=(0.0, 0.1), slices=2)
+    assert series_features(volume)["airway_frac"] > 0
+    for axis in (1, 2):
+        affine = volume.affine.copy()
+        affine[:3, 3] = (volume.affine @ np.array(
+            [0, volume.hu.shape[1] - 1 if axis == 1 else 0,
+             volume.hu.shape[2] - 1 if axis == 2 else 0, 1.0]))[:3]
+        affine[:3, axis] = -volume.affine[:3, axis]
+        flipped = ImageVolume(hu=np.flip(volume.hu, axis=axis).copy(),
+                              spacing_mm=volume.spacing_mm, affine=affine)
+        assert series_features(flipped)["airway_frac"] > 0, axis
