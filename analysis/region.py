@@ -31,7 +31,7 @@ import math
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,41 +272,17 @@ class RegionModel:
         return self.predict_features(features)
 
     def predict_features(self, features: Mapping[str, float]) -> RegionPrediction:
-        """Predict from features named as in the card's ``features.input``.
-
-        A series whose body the field of view cuts on more than half of its slices
-        (``fov_cut_frac``, a crop around a limb or a lesion) is :data:`OTHER` whatever
-        the classifier says: a partial cross-section does not show which region it is.
-        """
+        """Predict from features named as in the card's ``features.input`` (see
+        :func:`decide` for when the answer is :data:`OTHER`)."""
         row = feature_vector(features, self.feature_names)
-        decided = self._decide(self.probabilities(row[None, :])[0])
-        cut = float(features.get("fov_cut_frac", 0.0))
-        if cut > MAX_FOV_CUT_FRACTION:
-            return RegionPrediction(
-                OTHER, decided.probability, decided.probabilities,
-                f"the field of view cuts the body on {cut:.0%} of the slices (a crop); "
-                "a partial cross-section is not classified",
-            )
-        return decided
+        return decide(self.labels, self.probabilities(row[None, :])[0], self.threshold,
+                      float(features.get("fov_cut_frac", 0.0)))
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:
         """Class probabilities, ``(n, len(labels))`` in the order of :attr:`labels`, for
         feature rows whose columns follow :attr:`feature_names`."""
         probs = self.pipeline.predict_proba(np.asarray(rows, dtype=np.float64))
         return np.asarray(probs, dtype=np.float64)[:, self._columns]
-
-    def _decide(self, probs: np.ndarray) -> RegionPrediction:
-        probabilities = {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
-        best = int(np.argmax(probs))
-        top = float(probs[best])
-        if top < self.threshold:
-            return RegionPrediction(
-                OTHER,
-                top,
-                probabilities,
-                f"top probability {top:.2f} ({self.labels[best]}) below {self.threshold:.2f}",
-            )
-        return RegionPrediction(self.labels[best], top, probabilities)
 
     # ------------------------------------------------------------------------ storage
 
@@ -364,6 +340,32 @@ class RegionModel:
             warnings.simplefilter("ignore", category=InconsistentVersionWarning)
             pipeline = joblib.load(model_path)
         return cls(pipeline, card)
+
+
+def decide(labels: Sequence[str], probs: np.ndarray, threshold: float,
+           fov_cut_frac: float = 0.0) -> RegionPrediction:
+    """The region for class probabilities ``probs`` (in the order of ``labels``).
+
+    :data:`OTHER` with the reason when the top probability is below ``threshold``, or
+    when the field of view cuts the body on more than :data:`MAX_FOV_CUT_FRACTION` of
+    the slices (a crop around a limb or a lesion: a partial cross-section does not show
+    which region it is), whatever the classifier says.
+    """
+    probabilities = {label: float(p) for label, p in zip(labels, probs, strict=True)}
+    best = int(np.argmax(probs))
+    top = float(probs[best])
+    if fov_cut_frac > MAX_FOV_CUT_FRACTION:
+        return RegionPrediction(
+            OTHER, top, probabilities,
+            f"the field of view cuts the body on {fov_cut_frac:.0%} of the slices (a crop); "
+            "a partial cross-section is not classified",
+        )
+    if top < threshold:
+        return RegionPrediction(
+            OTHER, top, probabilities,
+            f"top probability {top:.2f} ({labels[best]}) below {threshold:.2f}",
+        )
+    return RegionPrediction(labels[best], top, probabilities)
 
 
 def check_sklearn_version(trained_with: str, *, allow_mismatch: bool = False) -> None:

@@ -614,15 +614,14 @@ def test_a_closed_skull_ring_encloses_whatever_it_holds() -> None:
 
 def test_dry_skull_and_inlet_phantoms() -> None:
     dry = next(make_region_phantom("head", s) for s in range(100)
-               if make_region_phantom("head", s).spec.dry_skull)
+               if random_region_spec("head", s).dry_skull)
     inside = dry.hu[dry.hu.shape[0] // 2, dry.hu.shape[1] // 2, dry.hu.shape[2] // 2]
     assert inside < -800  # air inside the skull
     assert series_features(phantom_volume(dry))["bone_enclosed_frac_median"] > 0.3
-    spec = random_region_spec("chest", 3, coverage=(0.0, 0.1), slices=2)
     inlet = next(make_region_phantom("chest", s, coverage=(0.0, 0.1), slices=2)
                  for s in range(100)
                  if random_region_spec("chest", s, coverage=(0.0, 0.1), slices=2).inlet)
-    assert spec.region == "chest" and not random_region_spec("head", 3).inlet
+    assert not any(random_region_spec("head", s).inlet for s in range(20))
     top = series_features(phantom_volume(inlet))
     assert top["airway_frac"] > 0  # the trachea in the neck
     assert top["frac_lung"] < 0.05  # above the apices

@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.base import clone
 
 from analysis.features import feature_vector, series_features
-from analysis.region import MAX_FOV_CUT_FRACTION, MODEL_FEATURES, OTHER, REGIONS
+from analysis.region import MODEL_FEATURES, OTHER, REGIONS, decide
 from analysis.types import ImageVolume
 
 log = logging.getLogger("pacsnode.train_region")
@@ -148,12 +148,10 @@ def leave_one_patient_out(pipeline: Any, x_synthetic: np.ndarray, y_synthetic: n
 
 
 def _decide(model: Any, row: RealRow, threshold: float) -> tuple[str, float]:
+    """As :meth:`RegionModel.predict_features` decides, for a bare fitted pipeline."""
     probs = model.predict_proba(row.features[None, :])[0]
-    best = int(np.argmax(probs))
-    label = str(model.classes_[best])
-    if row.fov_cut_frac > MAX_FOV_CUT_FRACTION:
-        return OTHER, float(probs[best])
-    return (label if probs[best] >= threshold else OTHER), float(probs[best])
+    decided = decide([str(c) for c in model.classes_], probs, threshold, row.fov_cut_frac)
+    return decided.label, decided.probability
 
 
 def summary(per_patient: Sequence[dict[str, Any]]) -> dict[str, Any]:
