@@ -48,20 +48,16 @@ over the CNN by construction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
 from analysis.segment import _Lateral, _lateral, fill_holes_slicewise, segment_body
-from analysis.types import LUNG_LEFT, LUNG_RIGHT
 
 #: Air inside the body: below this.
 #: The hand-checked corrections of the real series' references, one JSON file each.
-CORRECTIONS_DIR = Path(__file__).resolve().parent / "reference_corrections"
 AIR_HU = -400.0
 #: The top of the series searched for a tracheal seed (mm from the top slice).
 SEED_MM = 30.0
@@ -288,67 +284,3 @@ def drop_small(mask: np.ndarray, voxel_ml: float) -> np.ndarray:
     keep = sizes >= MIN_PIECE_ML
     keep[0] = False
     return keep[labels]
-
-
-# -- the hand-checked corrections, applied (read and validated by node.reference) -----
-
-LABELS = (LUNG_LEFT, LUNG_RIGHT)
-
-
-class CorrectionsError(ValueError):
-    """A corrections file that does not follow the schema; the message names the field."""
-
-
-@dataclass(frozen=True)
-class Correction:
-    """One stated correction (see the module docstring)."""
-
-    action: str
-    slices: tuple[int, int] = (0, 0)
-    rows: tuple[int, int] = (0, 0)
-    columns: tuple[int, int] = (0, 0)
-    labels: tuple[str, ...] = LABELS
-    point: tuple[int, int, int] = (0, 0, 0)
-    to: str = ""
-
-
-@dataclass(frozen=True)
-class Corrections:
-    """A series' hand-checked corrections."""
-
-    name: str
-    series_instance_uid: str
-    lung: bool
-    corrections: tuple[Correction, ...] = ()
-    checked: str = ""
-    source: str = ""
-
-
-def apply_corrections(masks: Mapping[str, np.ndarray], corrections: Corrections
-                      ) -> dict[str, np.ndarray]:
-    """The masks after the stated corrections, in order; errors name the correction."""
-    out = {label: masks[label].copy() for label in LABELS}
-    shape = out[LUNG_LEFT].shape
-    if not corrections.lung:
-        return {label: np.zeros(shape, dtype=bool) for label in LABELS}
-    for index, item in enumerate(corrections.corrections):
-        where = f"{corrections.source}: corrections[{index}]"
-        if item.action == "erase":
-            box = tuple(slice(a, b) for a, b in (item.slices, item.rows, item.columns))
-            for axis, (a, _) in enumerate((item.slices, item.rows, item.columns)):
-                if a >= shape[axis]:
-                    raise CorrectionsError(f"{where}: starts beyond the volume {shape}")
-            for label in item.labels:
-                out[label][box] = False
-            continue
-        if any(p >= n for p, n in zip(item.point, shape, strict=True)):
-            raise CorrectionsError(f"{where}: point {item.point} outside the volume {shape}")
-        owner = [label for label in LABELS if out[label][item.point]]
-        if not owner:
-            raise CorrectionsError(f"{where}: point {item.point} is in neither lung")
-        pieces, _ = ndimage.label(out[owner[0]], structure=ndimage.generate_binary_structure(3, 1))
-        piece = pieces == pieces[item.point]
-        out[owner[0]] &= ~piece
-        if item.action == "relabel":
-            out[item.to] |= piece
-    return out

@@ -275,8 +275,11 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         kwargs: dict[str, Any] = {"seed": args.seed, "real_folders": [Path(p) for p in args.real],
                                   "real_labels": args.real_labels}
         if args.real and args.real_labels == "reference":
-            from analysis.reference import CORRECTIONS_DIR
-            from node.reference import CorrectionsError, load_corrections
+            from analysis.corrections import (
+                CORRECTIONS_DIR,
+                CorrectionsError,
+                load_corrections,
+            )
 
             source = Path(args.corrections) if args.corrections else CORRECTIONS_DIR
             try:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.corrections import Correction, Corrections
 from analysis.phantoms.dicom_series import write_ct_series
 from analysis.phantoms.trunk import PhantomSpec, make_phantom
-from analysis.reference import Correction, Corrections
 from analysis.slice_grid import GridSpec
 from analysis.training import lung_data
 from node.cli import main
@@ -76,3 +76,37 @@ def test_evaluate_refuses_a_model_that_is_not_configured(folder: Path,
     assert code != 0
     assert "--model 'mine': not in the configuration's models (none configured)" in (
         capsys.readouterr().err)
+
+
+def test_training_module_names_the_bad_field_of_a_corrections_file(
+        folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.training.lungs import main as train_main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "pacsnode.reference-corrections/1", "series_instance_uid": "1.2",'
+                   ' "lung": "yes", "checked": "by eye"}')
+    code = train_main(["--out", str(tmp_path / "m"), "--real", str(folder),
+                       "--corrections", str(bad), "--epochs", "1", "--volumes", "1"])
+    assert code == 2
+    assert "bad.json: lung: must be bool, got str" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_training_module_applies_the_corrections_and_the_card_says_so(
+        folder: Path, tmp_path: Path) -> None:
+    import json
+
+    from analysis.corrections import SCHEMA
+    from analysis.training.lungs import main as train_main
+
+    fixes = tmp_path / "fixes.json"
+    fixes.write_text(json.dumps({"schema": SCHEMA, "series_instance_uid": _uid(folder),
+                                 "lung": False, "checked": "test: no lung"}))
+    out = tmp_path / "m"
+    code = train_main(["--out", str(out), "--real", str(folder), "--corrections", str(fixes),
+                       "--epochs", "1", "--volumes", "2", "--slice-size", "64",
+                       "--eval-volumes", "1"])
+    assert code == 0
+    real = json.loads((out / "card.json").read_text())["training"]["real"]
+    assert real["series"][0]["corrections"] == str(fixes)
+    assert real["labels"].startswith("reference procedure")

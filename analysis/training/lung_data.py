@@ -39,7 +39,7 @@ from analysis.phantoms.trunk import (
 from analysis.slice_grid import GridSpec
 
 if TYPE_CHECKING:
-    from analysis.reference import Corrections
+    from analysis.corrections import Corrections
 
 KINDS = ("chest", "base", "abdomen", "head")
 #: Share of each kind among generated volumes.
@@ -339,7 +339,7 @@ def real_slices(folders: Sequence[Path], grid: GridSpec, *, labels: str = "refer
         ``"classical"``: body and lungs by the classical ``ct-body-lungs`` pipeline.
     corrections
         Series Instance UID -> corrections (``analysis/reference_corrections``, loaded by
-        ``node.reference.load_corrections``).
+        ``analysis.corrections.load_corrections``).
     """
     import pydicom
 
@@ -392,7 +392,8 @@ def _real_labels(volume: Any, labels: str, fixes: Corrections | None) -> np.ndar
         masks = _classical_pipeline().run(volume).masks
         body, left, right = masks[BODY], masks[LUNG_LEFT], masks[LUNG_RIGHT]
     else:
-        from analysis.reference import apply_corrections, reference_lungs
+        from analysis.corrections import apply_corrections
+        from analysis.reference import reference_lungs
 
         found = reference_lungs(volume.hu, volume.spacing_mm, volume.affine)
         lungs = {LUNG_LEFT: found.left, LUNG_RIGHT: found.right}

@@ -31,6 +31,7 @@ from analysis.cnn import (
     file_sha256,
     quiet_tensorflow,
 )
+from analysis.corrections import CORRECTIONS_DIR, CorrectionsError, load_corrections
 from analysis.model_card import ModelCard, OutputLabel, Preprocessing, lung_labels
 from analysis.slice_grid import GridSpec
 from analysis.training import lung_data
@@ -38,7 +39,7 @@ from analysis.training.lung_data import KIND_WEIGHTS, KINDS, SliceSet, Volume
 from analysis.types import BODY, LUNG_LEFT, LUNG_RIGHT, ImageVolume
 
 if TYPE_CHECKING:
-    from analysis.reference import Corrections
+    from analysis.corrections import Corrections
 
 #: Field of view of the model's input canvas, whatever its size in pixels.
 FIELD_OF_VIEW_MM = 512.0
@@ -440,7 +441,7 @@ def _training_record(
             "folders": [str(f) for f in real_folders],
             "series": real_records,
             "slices": real_slices,
-            "labels": "classical pipeline ct-body-lungs (analysis.pipeline)",
+            "labels": _labels_record(real_records),
         },
         "held_back": {"volumes": eval_volumes, "seed_stream": "[seed, 2, index]"},
         "epochs": epochs,
@@ -457,6 +458,16 @@ def _training_record(
         },
         "source_sha256": {name: _source_hash(name) for name in _SOURCES},
     }
+
+
+def _labels_record(real_records: list[dict[str, object]]) -> str:
+    kinds = {str(r.get("labels")) for r in real_records}
+    if kinds == {"classical"}:
+        return "classical pipeline ct-body-lungs (analysis.pipeline)"
+    if kinds == {"reference"}:
+        return ("reference procedure (analysis.reference) with the hand-checked corrections "
+                "named per series (analysis.corrections)")
+    return "none" if not kinds else ", ".join(sorted(kinds))
 
 
 def _source_hash(name: str) -> str | None:
@@ -482,16 +493,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, action="append", default=[], metavar="FOLDER",
                         help="a folder of real CT series to add (repeatable)")
     parser.add_argument("--real-labels", choices=lung_data.REAL_LABELS, default="reference",
-                        help="label real series by the reference procedure (without "
-                             "corrections here: pacsnode train applies them) or by the "
-                             "classical pipeline")
+                        help="label real series by the reference procedure with their "
+                             "hand-checked corrections, or by the classical pipeline")
+    parser.add_argument("--corrections", type=Path, default=CORRECTIONS_DIR, metavar="FILE|DIR",
+                        help="corrections of the references (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
+        corrections = (load_corrections(args.corrections)
+                       if args.real and args.real_labels == "reference" else {})
         card = train_lungs(
             args.out, seed=args.seed, volumes=args.volumes, epochs=args.epochs,
             slice_size=args.slice_size, real_folders=args.real, eval_volumes=args.eval_volumes,
-            real_labels=args.real_labels,
+            real_labels=args.real_labels, corrections=corrections,
         )
+    except CorrectionsError as error:
+        print(f"error: --corrections: {error}", file=sys.stderr)
+        return 2
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
