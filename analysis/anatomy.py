@@ -49,6 +49,8 @@ MIDLINE_MARGIN_MM = 10.0
 #: Pieces smaller than this are left alone: the rules need a few voxels to judge.
 MIN_PIECE_ML = 0.5
 _POOLED_MM = 3.0
+#: Pooling factors whose f bools fit one unsigned integer.
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 
 
@@ -65,6 +67,11 @@ class _Grid:
         if f == 1:
             return mask
         s, r, c = mask.shape
+        if r % f == 0 and c % f == 0 and f in _WORDS:
+            # f neighbouring columns read as one unsigned integer (non-zero where any is
+            # set), then OR over f rows: three times faster than OpenCV per slice.
+            words = np.ascontiguousarray(mask).view(_WORDS[f]).reshape(s, r // f, f, c // f)
+            return np.bitwise_or.reduce(words, axis=2) != 0
         if r % f == 0 and c % f == 0:
             # Area averaging over whole f x f cells: non-zero where any pixel is set.
             # OpenCV does a 512x512 slice in well under a millisecond.
@@ -126,11 +133,12 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     caged = _caged(masks, lungs, hu, grid, pooled_body)
-    pooled_lungs = grid.pool(np.logical_or.reduce([masks[label] for label in lungs]))
+    pooled_lungs = _pooled_union(grid, masks, lungs)
     head_step = -1 if affine[2, 0] <= 0 else 1  # LPS: +z is superior
     for label in lungs:
         mask = masks[label] & body  # never outside the body
-        if (outside := int(masks[label].sum() - mask.sum())) * voxel_ml >= MIN_PIECE_ML:
+        outside = np.count_nonzero(masks[label]) - np.count_nonzero(mask)
+        if outside * voxel_ml >= MIN_PIECE_ML:
             notes.append(f"{label}: {outside * voxel_ml:.1f} mL outside the body removed")
         pooled_labels, _ = ndimage.label(grid.pool(mask), structure=_SIX_CONNECTED)
         sizes = np.bincount(pooled_labels.ravel())
@@ -173,7 +181,7 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
                     notes: list[str]) -> dict[str, np.ndarray]:
     """The masks without the trachea and main bronchi; a note when any lung was there."""
     f = grid.factor
-    pooled_lung = grid.pool(np.logical_or.reduce([masks[label] for label in lungs]))
+    pooled_lung = _pooled_union(grid, masks, lungs)
     column = airways.find_airways(airways.pooled_mean(hu, f), pooled_body, pooled_lung,
                                   grid.spacing_mm, affine, f)
     if not column.any():
@@ -229,6 +237,12 @@ def _cages(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid:
     sampled = hu[block, ::f, ::f] < ribcage.AIR_HU
     air[block, :sampled.shape[1], :sampled.shape[2]] = sampled[:, :air.shape[1], :air.shape[2]]
     return ribcage.cage_masks(bone, air, pooled_body, slices, grid.spacing_mm)
+
+
+def _pooled_union(grid: _Grid, masks: dict[str, np.ndarray], lungs: list[str]) -> np.ndarray:
+    """Both lungs on the pooled grid: pooling each is cheaper than one full-size union."""
+    pooled = [grid.pool(masks[label]) for label in lungs]
+    return np.logical_or.reduce(pooled) if len(pooled) > 1 else pooled[0]
 
 
 def _source_spacing(grid: _Grid) -> tuple[float, float, float]:

@@ -261,3 +261,20 @@ def test_soft_tissue_lung_under_the_dome_is_dropped(bases) -> None:
     guarded, notes = _guard(volume, {**masks, LUNG_RIGHT: masks[LUNG_RIGHT] | blob})
     np.testing.assert_array_equal(guarded[LUNG_RIGHT], masks[LUNG_RIGHT])
     assert len(notes) == 1 and "below the diaphragm" in notes[0], notes
+
+
+@pytest.mark.parametrize(("factor", "shape"), [(2, (3, 64, 64)), (3, (3, 63, 66)), (4, (2, 64, 128)),
+                                               (4, (2, 66, 70)), (8, (2, 64, 64))])
+def test_pooling_is_true_wherever_any_source_pixel_is(factor: int, shape: tuple[int, ...]) -> None:
+    from analysis.anatomy import _Grid
+
+    rng = np.random.default_rng(factor)
+    mask = rng.random(shape) < 0.02  # sparse: most cells hold one pixel or none
+    pooled = _Grid(factor, (1.0, 1.0, 1.0)).pool(mask)
+    s, r, c = shape
+    padded = np.zeros((s, -(-r // factor) * factor, -(-c // factor) * factor), dtype=bool)
+    padded[:, :r, :c] = mask
+    expected = padded.reshape(s, padded.shape[1] // factor, factor, -1, factor).any(axis=(2, 4))
+    assert pooled.shape == expected.shape
+    assert np.array_equal(pooled, expected)
+    assert pooled.sum() > 0 and not pooled.all()
