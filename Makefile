@@ -43,6 +43,7 @@ test: install peers
 bench: install peers
 	$(PY) bench/run.py --tls
 	$(PY) bench/inference.py
+	$(PY) bench/guard.py
 	$(PY) bench/e2e.py
 	$(PY) bench/throughput.py
 	$(PY) bench/db_scale.py

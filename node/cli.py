@@ -324,8 +324,12 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         labels = evaluate.load_region_labels(args.region, args.regions)
     except (OSError, ValueError) as exc:
         raise CLIError(str(exc)) from None
+    known = [m.name for m in settings.models]
+    if args.model and args.model not in known:
+        raise CLIError(f"--model {args.model!r}: not in the configuration's models "
+                       f"({', '.join(known) or 'none configured'})")
     if args.synthetic:
-        scores = evaluate.evaluate_synthetic(settings, args.synthetic, args.seed)
+        scores = evaluate.evaluate_synthetic(settings, args.synthetic, args.seed, model=args.model)
     else:
         if not args.paths:
             raise CLIError("give folders of series to evaluate, or --synthetic N")
@@ -335,10 +339,6 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         missing = [p for p in args.reference if not Path(p).exists()]
         if missing:
             raise CLIError(f"--reference: no such file or folder: {', '.join(missing)}")
-        known = [m.name for m in settings.models]
-        if args.model and args.model not in known:
-            raise CLIError(f"--model {args.model!r}: not in the configuration's models "
-                           f"({', '.join(known) or 'none configured'})")
         scores = evaluate.evaluate_paths(args.paths, settings, regions=labels,
                                          references=args.reference, model=args.model)
     summary = evaluate.summarise(scores)

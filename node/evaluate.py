@@ -271,14 +271,16 @@ def load_region_labels(items: Sequence[str], json_file: str | None) -> dict[str,
 def evaluate_volume(
     volume: ImageVolume, truth: Mapping[str, np.ndarray], settings: Settings, name: str,
     *, expected_region: str | None = None, pipeline: str = "ct-body-lungs",
+    model: str | None = None,
 ) -> SeriesScore:
-    """Score one generated volume with its true masks (and region)."""
+    """Score one generated volume with its true masks (and region); ``model`` names a
+    configured model in place of the shipped U-Net."""
     from analysis.pipeline import get_pipeline
     from analysis.region import load_region_model
     from node.workflow.analyze import pipeline_context
 
     chosen = get_pipeline(pipeline)
-    result = chosen.run(volume, pipeline_context(chosen, settings, None))
+    result = chosen.run(volume, pipeline_context(chosen, settings, model))
     score = SeriesScore(name, "synthetic", dice=score_masks(result, truth),
                         region_expected=expected_region, notes=list(result.notes))
     if expected_region is not None:
@@ -295,7 +297,8 @@ def _truth(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {BODY: labels > 0, LUNG_LEFT: labels == 2, LUNG_RIGHT: labels == 3}
 
 
-def evaluate_synthetic(settings: Settings, count: int, seed: int = 0) -> list[SeriesScore]:
+def evaluate_synthetic(settings: Settings, count: int, seed: int = 0,
+                       model: str | None = None) -> list[SeriesScore]:
     """``count`` held-back phantoms per region, and ``count`` held-back volumes of the
     lung model's own generator (odd ones mirrored, to check left and right)."""
     from analysis.phantoms.regions import make_region_phantom, phantom_volume
@@ -309,12 +312,13 @@ def evaluate_synthetic(settings: Settings, count: int, seed: int = 0) -> list[Se
             phantom = make_region_phantom(region, phantom_seed, max_slices=48)
             scores.append(evaluate_volume(
                 phantom_volume(phantom), _truth(phantom.labels), settings,
-                f"{region} phantom {phantom_seed}", expected_region=region))
+                f"{region} phantom {phantom_seed}", expected_region=region, model=model))
     for index in range(count):
         generated, volume = eval_volume(seed, index)
         labels = generated.labels[:, :, ::-1] if index % 2 else generated.labels
         scores.append(evaluate_volume(volume, _truth(labels), settings,
-                                      f"lung-model held-back {generated.kind} {index}"))
+                                      f"lung-model held-back {generated.kind} {index}",
+                                      model=model))
     return scores
 
 

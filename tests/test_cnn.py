@@ -85,6 +85,21 @@ def test_shipped_card_validates_with_snomed_codes_and_metrics():
     assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
 
 
+def test_shipped_card_names_the_real_data_that_trained_it():
+    """The shipped U-Net trains on the real series with lung; the series without lung
+    (limb crops, head phantom) stay out, so they can measure its false lung."""
+    real = ModelCard.load(cnn.SHIPPED_CARD).training["real"]
+    assert real["folders"] == ["../shared/data/ct-chest-lidc", "../shared/data/ct-chest-slice",
+                               "../shared/data/ct-liver-3slice"]
+    assert real["labels"].startswith("reference procedure")
+    assert {s["corrections"] for s in real["series"]} == {
+        "analysis/reference_corrections/lidc-idri-0314.json",
+        "analysis/reference_corrections/ct1.json",
+        "analysis/reference_corrections/ct-liver-3slice.json"}
+    assert sum(s["slices"] for s in real["series"]) == real["slices"] == 279
+    assert "--real ../shared/data/ct-chest-lidc" in ModelCard.load(cnn.SHIPPED_CARD).training["command"]
+
+
 @pytest.mark.parametrize(
     ("mutate", "field", "words"),
     [

@@ -194,3 +194,29 @@ def test_evaluate_synthetic_and_train_smoke(tmp_path: Path) -> None:
     bad = pacsnode("train", "--task", "region", "--real", str(tmp_path), "--out",
                    str(tmp_path / "x"))
     assert bad.returncode == 2 and "REGION=FOLDER" in bad.stderr
+
+
+def test_evaluate_synthetic_scores_the_model_it_is_given(tmp_path: Path) -> None:
+    """``--synthetic`` with ``--model``: the configured model's masks are scored, not the
+    shipped U-Net's. This one calls every pixel body, so its lungs score 0 where there is
+    lung (the shipped U-Net's score above 0.9 there)."""
+    import keras
+
+    model = keras.Sequential([keras.Input((64, 64, 1)), keras.layers.Conv2D(4, 1, activation="softmax")])
+    model.layers[-1].set_weights([np.zeros((1, 1, 1, 4), np.float32),
+                                  np.array([0.0, 20.0, 0.0, 0.0], np.float32)])
+    model.save(tmp_path / "body.keras")
+    card = ModelCard.load(cnn.SHIPPED_CARD).to_dict()
+    card.update(input_shape=[None, 64, 64, 1], output_shape=[None, 64, 64, 4],
+                model_sha256=None, name="all-body", model_file="body.keras")
+    (tmp_path / "body.json").write_text(json.dumps(card))
+    config = write_config(tmp_path / "node.yaml", {"models": [
+        {"name": "all-body", "path": str(tmp_path / "body.keras"), "card": str(tmp_path / "body.json")}]})
+    result = pacsnode("evaluate", "--synthetic", "1", "--model", "all-body", "--json", config=config)
+    assert result.returncode == 0, result.stderr
+    chest = next(s for s in json.loads(result.stdout)["series"] if s["series"].startswith("chest"))
+    assert chest["dice"]["lung_left"]["cnn"] == 0.0, chest["dice"]
+    assert chest["dice"]["body"]["cnn"] > 0.5, chest["dice"]
+    refused = pacsnode("evaluate", "--synthetic", "1", "--model", "mine")
+    assert refused.returncode != 0
+    assert "--model 'mine': not in the configuration's models" in refused.stderr

@@ -80,3 +80,21 @@ def test_lidc_reference(lidc) -> None:
     volume = loaded.volume
     assert patient_x(volume, outcome.masks[LUNG_LEFT]) > 30
     assert patient_x(volume, outcome.masks[LUNG_RIGHT]) < -30
+
+
+@pytest.mark.parametrize("folder", ["ct-extremity-sts/STS_001", "ct-extremity-sts/STS_002",
+                                    "ct-extremity-sts/STS_003", "ct-phantom-tilted"])
+def test_no_lung_where_there_is_none(folder: str) -> None:
+    """The issue's targets on real series without lung, which no shipped model trains on:
+    under 5 mL of final "lung" per series and under 2 cm2 on any slice."""
+    from analysis.pipeline import get_pipeline
+    from node.config import load_settings
+    from node.evaluate import false_lung
+    from node.workflow.analyze import pipeline_context
+
+    _, loaded = _reference(folder)
+    pipeline = get_pipeline("ct-body-lungs")
+    result = pipeline.run(loaded.volume, pipeline_context(pipeline, load_settings(None), None))
+    found = false_lung(result, loaded.volume)["final"]
+    assert found["volume_ml"] < 5.0, found
+    assert found["worst_slice_cm2"] < 2.0, found

@@ -371,7 +371,7 @@ def real_slices(folders: Sequence[Path], grid: GridSpec, *, labels: str = "refer
                 continue
             fixes = (corrections or {}).get(uid)
             if labels == "reference":
-                record["corrections"] = fixes.source if fixes else None
+                record["corrections"] = _shown(fixes.source) if fixes else None
             lab = _real_labels(volume, labels, fixes)
             spacing = slice_grid.standard_spacing(volume.spacing_mm[1:], orientation)
             hu = slice_grid.to_standard(volume.hu, orientation)
@@ -382,6 +382,16 @@ def real_slices(folders: Sequence[Path], grid: GridSpec, *, labels: str = "refer
             record["slices"] = int(hu.shape[0])
             records.append(record)
     return SliceSet.concatenate(parts, grid.size), records
+
+
+def _shown(source: str) -> str:
+    """A corrections file as a card records it: relative to the project when inside it
+    (the same on every checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(source).resolve().relative_to(root))
+    except ValueError:
+        return source
 
 
 def _real_labels(volume: Any, labels: str, fixes: Corrections | None) -> np.ndarray:
