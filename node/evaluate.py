@@ -58,6 +58,8 @@ class SeriesScore:
     notes: list[str] = field(default_factory=list)
     #: segmenter -> {"volume_ml", "worst_slice_cm2"} where the reference has no lung.
     false_lung: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: lung -> {"slices": slices holding it, segmenter: slices where it found none of it}.
+    missed_slices: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         region = None
@@ -69,7 +71,8 @@ class SeriesScore:
                 "dice": {k: {s: round(v, 4) for s, v in d.items()} for k, d in self.dice.items()},
                 "region": region, "notes": self.notes,
                 "false_lung": {k: {m: round(v, 2) for m, v in d.items()}
-                               for k, d in self.false_lung.items()}}
+                               for k, d in self.false_lung.items()},
+                "missed_slices": self.missed_slices}
 
 
 def score_masks(result: PipelineResult, reference: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -83,6 +86,31 @@ def score_masks(result: PipelineResult, reference: Mapping[str, np.ndarray]) -> 
                 found = np.logical_or.reduce([masks[label] for label in labels])
                 scores.setdefault(structure, {})[name] = dice(found, truth)
     return scores
+
+
+#: A slice holds a lung when the reference has at least this much of it there (slivers
+#: at an apex or a base, under a square centimetre, are left out of the count).
+MIN_HELD_CM2 = 1.0
+
+
+def missed_slices(result: PipelineResult, reference: Mapping[str, np.ndarray],
+                  volume: ImageVolume) -> dict[str, dict[str, int]]:
+    """Per lung of the reference, the slices holding it, and per segmenter the slices on
+    which it found none of it (the issue's "both lungs found wherever a slice holds lung")."""
+    pixel_cm2 = volume.spacing_mm[1] * volume.spacing_mm[2] / 100.0
+    out: dict[str, dict[str, int]] = {}
+    for label in (LUNG_LEFT, LUNG_RIGHT):
+        if label not in reference:
+            continue
+        truth = reference[label]
+        held = truth.sum(axis=(1, 2)) * pixel_cm2 >= MIN_HELD_CM2
+        counts = {"slices": int(held.sum())}
+        for name, masks in {"final": result.masks, **result.candidates}.items():
+            if label in masks:
+                found = (masks[label] & truth).any(axis=(1, 2))
+                counts[name] = int((held & ~found).sum())
+        out[label] = counts
+    return out
 
 
 def false_lung(result: PipelineResult, volume: ImageVolume) -> dict[str, dict[str, float]]:
@@ -137,8 +165,14 @@ def summarise(scores: Sequence[SeriesScore]) -> dict[str, Any]:
     for s in labelled:
         row = confusion.setdefault(str(s.region_expected), {})
         row[str(s.region_predicted)] = row.get(str(s.region_predicted), 0) + 1
+    missed: dict[str, dict[str, int]] = {}
+    for score in scores:
+        for label, counts in score.missed_slices.items():
+            for name, n in counts.items():
+                missed.setdefault(label, {})[name] = missed.get(label, {}).get(name, 0) + n
     return {
         "dice": dice_summary,
+        "missed_slices": missed,
         "region": {"accuracy": round(correct / len(labelled), 4) if labelled else None,
                    "correct": correct, "n": len(labelled), "confusion": confusion},
     }
@@ -245,6 +279,7 @@ def evaluate_paths(
         if reference or no_lung:
             result = chosen.run(loaded.volume, pipeline_context(chosen, settings, model))
             score.dice = score_masks(result, reference)
+            score.missed_slices = missed_slices(result, reference, loaded.volume)
             score.notes += result.notes
             if no_lung:
                 score.false_lung = false_lung(result, loaded.volume)
@@ -282,7 +317,8 @@ def evaluate_volume(
     chosen = get_pipeline(pipeline)
     result = chosen.run(volume, pipeline_context(chosen, settings, model))
     score = SeriesScore(name, "synthetic", dice=score_masks(result, truth),
-                        region_expected=expected_region, notes=list(result.notes))
+                        region_expected=expected_region, notes=list(result.notes),
+                        missed_slices=missed_slices(result, truth, volume))
     if expected_region is not None:
         prediction = load_region_model().predict(volume)
         score.region_predicted, score.region_probability = prediction.label, prediction.probability
@@ -340,6 +376,10 @@ def format_report(scores: Sequence[SeriesScore], summary: Mapping[str, Any]) -> 
         cells = ", ".join(f"{n} {v['volume_ml']:.1f} mL (worst slice {v['worst_slice_cm2']:.1f} cm2)"
                           for n, v in score.false_lung.items())
         lines.append(f"  false lung in {score.source}: {cells}")
+    for score in (s for s in scores if any(c.get("final") for c in s.missed_slices.values())):
+        cells = ", ".join(f"{label} on {c['final']} of {c['slices']} slices"
+                          for label, c in score.missed_slices.items() if c.get("final"))
+        lines.append(f"  lung missed in {score.source}: {cells}")
     misses = [s for s in scores if s.region_expected and s.region_expected != s.region_predicted]
     for score in misses:
         lines.append(f"  miss: {score.series}: expected {score.region_expected}, predicted "

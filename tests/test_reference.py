@@ -213,3 +213,26 @@ def test_false_lung_volume_and_worst_slice() -> None:
     out = false_lung(result, volume)  # type: ignore[arg-type]
     assert out["final"] == pytest.approx({"volume_ml": 21 * 2.0 / 1000, "worst_slice_cm2": 0.2})
     assert out["cnn"] == {"volume_ml": 0.0, "worst_slice_cm2": 0.0}
+
+
+def test_slices_holding_a_lung_where_a_segmenter_found_none_of_it() -> None:
+    from types import SimpleNamespace
+
+    from analysis.types import ImageVolume
+    from node.evaluate import missed_slices
+
+    volume = ImageVolume(hu=np.zeros((4, 20, 20), np.float32), spacing_mm=(2.0, 1.0, 1.0),
+                         affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    truth = np.zeros((4, 20, 20), bool)
+    truth[0:3, 5:15, 2:14] = True  # 1.2 cm2 per slice on slices 0-2
+    truth[3, 0, 0] = True  # a 1 mm2 sliver: does not count as holding lung
+    final = truth.copy()
+    final[1] = False  # missed on slice 1
+    cnn = np.zeros_like(truth)
+    cnn[:, 5:15, 14:20] = True  # lung, in the wrong place: no overlap
+    empty = np.zeros_like(truth)
+    result = SimpleNamespace(masks={LUNG_LEFT: final, LUNG_RIGHT: empty},
+                             candidates={"cnn": {LUNG_LEFT: cnn, LUNG_RIGHT: empty}})
+    out = missed_slices(result, {LUNG_LEFT: truth, LUNG_RIGHT: empty}, volume)  # type: ignore[arg-type]
+    assert out[LUNG_LEFT] == {"slices": 3, "final": 1, "cnn": 3}
+    assert out[LUNG_RIGHT] == {"slices": 0, "final": 0, "cnn": 0}
