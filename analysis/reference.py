@@ -23,8 +23,12 @@ The procedure, in the order :func:`reference_lungs` runs it:
    slice of more than ``MAX_AIRWAY_SLICE_CM2`` (it has run into the lung
    parenchyma); the first threshold that passes wins, and if none passes nothing is
    removed and a note says so (the corrections then erase the airway by hand). The
-   region is removed from the air. Its intrapulmonary branches come back with the
-   hole filling of step 6 wherever lung surrounds them.
+   region is removed from the air, and with it **the rest of the lumen**: per slice, each
+   in-plane air piece that touches the region and is at most ``WALL_MAX_FACTOR`` times
+   its area there (the wall's partial volume and streak artefacts across the lumen lie
+   above the growing threshold; on LIDC-IDRI-0314 they were 1-2 cm2 of "right lung" per
+   slice from the neck down). Its intrapulmonary branches come back with the hole
+   filling of step 6 wherever lung surrounds them.
 4. **Gas is not lung.** A 3D air component (6-connected) whose median is below
    ``GAS_MEDIAN_HU`` is bowel or stomach gas (parenchyma has a median near -850 HU,
    emphysema rarely below -950) and is dropped.
@@ -57,7 +61,6 @@ from scipy import ndimage
 from analysis.segment import _Lateral, _lateral, fill_holes_slicewise, segment_body
 
 #: Air inside the body: below this.
-#: The hand-checked corrections of the real series' references, one JSON file each.
 AIR_HU = -400.0
 #: The top of the series searched for a tracheal seed (mm from the top slice).
 SEED_MM = 30.0
@@ -71,6 +74,11 @@ AIRWAY_HU = (-950.0, -975.0, -990.0)
 #: threshold) are well under this volume, and under this area on any one slice.
 MAX_AIRWAY_ML = 150.0
 MAX_AIRWAY_SLICE_CM2 = 15.0
+#: The lumen's own air above the growing threshold (its wall's partial volume, streaks
+#: across it): an in-plane air piece touching the grown airway and at most this many
+#: times the airway's area on that slice. Lung touching a main bronchus is tens of times
+#: larger and stays.
+WALL_MAX_FACTOR = 2.0
 #: A 3D air component whose median is below this is gas (stomach, bowel), not lung.
 GAS_MEDIAN_HU = -975.0
 #: A component at least this fraction on one side of the midline is that side's.
@@ -120,6 +128,7 @@ def reference_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     body = segment_body(hu, spacing_mm)
     air = inside_air(hu, body)
     airways = grow_airways(hu, air, body, spacing_mm, affine, notes)
+    airways |= airway_lumen(air, airways)
     air &= ~airways
     air = drop_gas(air, hu, notes)
     left, right = split_sides(air, body, affine, spacing_mm)
@@ -175,6 +184,25 @@ def grow_airways(hu: np.ndarray, air: np.ndarray, body: np.ndarray,
             return region
     notes.append("airway growing leaked into the lung at every threshold: no airway removed")
     return empty
+
+
+def airway_lumen(air: np.ndarray, airways: np.ndarray) -> np.ndarray:
+    """The in-plane air pieces that touch the grown airway and are at most
+    WALL_MAX_FACTOR times its area on their slice (the rest of its lumen)."""
+    out = np.zeros(air.shape, dtype=bool)
+    kernel = np.ones((3, 3), np.uint8)
+    for k in np.flatnonzero(airways.any(axis=(1, 2))):
+        rest = air[k] & ~airways[k]
+        labels, n = ndimage.label(rest)
+        if n == 0:
+            continue
+        grown = cv2.dilate(airways[k].view(np.uint8), kernel).astype(bool)
+        touching = np.unique(labels[grown & rest])
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        limit = WALL_MAX_FACTOR * float(airways[k].sum())
+        keep = [i for i in touching if i and sizes[i] <= limit]
+        out[k] = np.isin(labels, keep)
+    return out
 
 
 def find_seed(hu: np.ndarray, air: np.ndarray, body: np.ndarray,

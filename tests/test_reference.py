@@ -51,6 +51,21 @@ def test_procedure_matches_the_phantom_truth(phantom) -> None:
     assert any("gas component" in note for note in found.notes)
 
 
+def test_the_whole_tracheal_lumen_is_airway_not_lung(phantom) -> None:
+    """Streaks across the lumen lift part of it above the growing threshold (as on
+    LIDC-IDRI-0314, where 1-2 cm2 per slice of the trachea became "right lung")."""
+    lumen = reference_lungs(phantom.hu, SPACING, phantom_affine(SPEC)).airways
+    hu = phantom.hu.copy()
+    for k in np.flatnonzero(lumen.any(axis=(1, 2))):
+        rows = np.flatnonzero(lumen[k].any(axis=1))
+        lower = lumen[k] & (np.arange(hu.shape[1]) >= rows.mean())[:, None]
+        hu[k][lower] = -930.0  # air, above the -950 HU of the growing
+    found = reference_lungs(hu, SPACING, phantom_affine(SPEC))
+    assert lumen.sum() > 100
+    assert not ((found.left | found.right) & lumen).any()
+    assert dice(found.right, phantom.labels == LABEL_LUNG_RIGHT) >= 0.95
+
+
 @pytest.mark.parametrize("flip_rows, flip_columns", [(False, True), (True, True)],
                          ids=["mirrored", "prone"])
 def test_sides_follow_the_patient(phantom, flip_rows: bool, flip_columns: bool) -> None:
