@@ -1,8 +1,9 @@
 """Anatomy as a guard on the final lung masks, whichever segmenter made them.
 
 A lung lies inside the thoracic cavity: inside the body, under the chest wall (never
-at the skin), filled with parenchyma (not the bare -1000 HU of gas), and on the
-patient's own side. Each connected piece of a lung mask that breaks one of these rules
+at the skin), inside the rib cage (``analysis/ribcage.py``), above the diaphragm, filled
+with parenchyma (not the bare -1000 HU of gas), never open to the air outside the body,
+and on the patient's own side. Each connected piece of a lung mask that breaks one of these rules
 is dropped, or moved to the other lung when it lies on the other side, and a note
 says so (the node puts the notes into the SR). Before that, the trachea and main
 bronchi (``analysis/airways.py``: the rule and its thresholds) are taken out of both
@@ -42,6 +43,14 @@ APEX_MM = 30.0
 ROOF_MM = 10.0
 ROOF_HU = -300.0
 MIN_ROOF_FRACTION = 0.5
+#: Open to the outside: where a piece lies on slices without a rib cage (a limb, the
+#: neck), air it touches that reaches the air outside the body on at least this fraction
+#: of its slices (the gap between two thighs, a skin fold the body mask closed over).
+#: Real lung never touches outside air: the chest wall lies between.
+MIN_OPEN_SLICE_FRACTION = 0.25
+OPEN_AIR_HU = -400.0
+#: How far around a piece the air is followed to the outside.
+OPEN_SEARCH_MM = 20.0
 #: Parenchyma has a median of about -850 HU (emphysema -950); gas about -1000.
 GAS_MEDIAN_HU = -975.0
 #: A piece whose centre lies this far across the body's midline is on the other side.
@@ -132,7 +141,8 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
     moves: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     pooled_ml = float(np.prod(grid.spacing_mm)) / 1000.0
-    caged = _caged(masks, lungs, hu, grid, pooled_body)
+    caged, has_cage = _caged(masks, lungs, hu, grid, pooled_body)
+    all_lungs: np.ndarray | None = None  # both lungs at full resolution, when a rule needs it
     pooled_lungs = _pooled_union(grid, masks, lungs)
     head_step = -1 if affine[2, 0] <= 0 else 1  # LPS: +z is superior
     for label in lungs:
@@ -152,10 +162,18 @@ def guard_lungs(masks: dict[str, np.ndarray], hu: np.ndarray,
             if verdict is None and index != largest:  # the lung itself is never "below"
                 verdict = _under_dome(pooled_piece, box, pooled_lungs, pooled_hu, head_step,
                                       _top(pooled_labels > 0, head_step), grid.spacing_mm[0])
-            if verdict is None:
+            cageless = verdict is None and has_cage[box[0]].mean() < 0.5
+            if verdict is None and not cageless:
                 continue
             full = grid.full_box(box, mask.shape)
             piece = grid.expand(pooled_piece, _shape(full)) & mask[full]
+            if cageless:
+                if all_lungs is None:
+                    all_lungs = masks[lungs[0]] | masks[lungs[-1]]
+                verdict = _open_to_outside(piece, full, hu, body, all_lungs,
+                                           _source_spacing(grid))
+            if verdict is None:
+                continue
             ml = float(piece.sum()) * voxel_ml
             mask[full] &= ~piece
             if verdict == "other side":
@@ -213,12 +231,15 @@ def _remove_airways(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarr
 
 
 def _caged(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
-           pooled_body: np.ndarray) -> np.ndarray:
-    """On the pooled grid: inside the rib cage, or on a slice without one."""
+           pooled_body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """On the pooled grid: inside the rib cage, or on a slice without one; and which
+    slices have one."""
     caged = np.ones(pooled_body.shape, dtype=bool)
+    has_cage = np.zeros(pooled_body.shape[0], dtype=bool)
     for k, cage in _cages(masks, lungs, hu, grid, pooled_body).items():
         caged[k] = cage
-    return caged
+        has_cage[k] = True
+    return caged, has_cage
 
 
 def _cages(masks: dict[str, np.ndarray], lungs: list[str], hu: np.ndarray, grid: _Grid,
@@ -243,6 +264,42 @@ def _pooled_union(grid: _Grid, masks: dict[str, np.ndarray], lungs: list[str]) -
     """Both lungs on the pooled grid: pooling each is cheaper than one full-size union."""
     pooled = [grid.pool(masks[label]) for label in lungs]
     return np.logical_or.reduce(pooled) if len(pooled) > 1 else pooled[0]
+
+
+def _open_to_outside(piece: np.ndarray, box: tuple[slice, ...], hu: np.ndarray,
+                     body: np.ndarray, lungs: np.ndarray,
+                     spacing_mm: tuple[float, float, float]) -> str | None:
+    """"open to the air outside the body" when, on at least MIN_OPEN_SLICE_FRACTION of
+    its slices, the piece (full resolution, cut to ``box``) touches air that is no lung
+    and reaches, in-plane within OPEN_SEARCH_MM, air outside the body. Slices where the
+    piece meets the image edge are not counted (a field of view cutting the chest)."""
+    rows, cols = hu.shape[1:]
+    mr = int(round(OPEN_SEARCH_MM / spacing_mm[1]))
+    mc = int(round(OPEN_SEARCH_MM / spacing_mm[2]))
+    r0, r1 = max(0, box[1].start - mr), min(rows, box[1].stop + mr)
+    c0, c1 = max(0, box[2].start - mc), min(cols, box[2].stop + mc)
+    kernel = np.ones((3, 3), np.uint8)
+    opened, counted = 0, 0
+    for i, k in enumerate(range(box[0].start, box[0].stop)):
+        own = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+        own[box[1].start - r0:box[1].stop - r0, box[2].start - c0:box[2].stop - c0] = piece[i]
+        if not own.any():
+            continue
+        edge = (r0 == 0 and own[0].any()) or (r1 == rows and own[-1].any()) or \
+            (c0 == 0 and own[:, 0].any()) or (c1 == cols and own[:, -1].any())
+        if edge:
+            continue
+        counted += 1
+        air = (hu[k, r0:r1, c0:c1] < OPEN_AIR_HU) & ~lungs[k, r0:r1, c0:c1]
+        labels, n = ndimage.label(air)
+        outside = np.unique(labels[air & ~body[k, r0:r1, c0:c1]])
+        reach = np.isin(labels, outside[outside > 0])
+        if (cv2.dilate(reach.view(np.uint8), kernel).astype(bool) & own).any():
+            opened += 1
+    if counted == 0 or opened / counted < MIN_OPEN_SLICE_FRACTION:
+        return None
+    return (f"open to the air outside the body on {opened} of its {counted} slices "
+            "(no rib cage there)")
 
 
 def _source_spacing(grid: _Grid) -> tuple[float, float, float]:

@@ -278,3 +278,40 @@ def test_pooling_is_true_wherever_any_source_pixel_is(factor: int, shape: tuple[
     assert pooled.shape == expected.shape
     assert np.array_equal(pooled, expected)
     assert pooled.sum() > 0 and not pooled.all()
+
+
+def _thighs(gap_open: bool) -> tuple[dict[str, np.ndarray], np.ndarray, tuple, np.ndarray]:
+    """Two touching thighs (no ribs: no rib cage) with a thin air gap between them that
+    the body mask closes over; the gap reaches the air outside at the front when open."""
+    s, n, px = 12, 160, 1.0
+    yy, xx = np.mgrid[:n, :n]
+    hu = np.full((s, n, n), -1000.0, np.float32)
+    body2d = ((yy - 80) ** 2 + (xx - 50) ** 2 <= 45 ** 2) | ((yy - 80) ** 2 + (xx - 110) ** 2 <= 45 ** 2)
+    hu[:, body2d] = 40.0
+    for cx in (50, 110):
+        hu[:, (yy - 80) ** 2 + (xx - cx) ** 2 <= 10 ** 2] = 700.0  # the femurs
+    gap = (abs(xx - 80) <= 1) & (yy >= 60) & (yy <= 100)
+    hu[:, gap] = -600.0
+    if gap_open:
+        hu[:, (abs(xx - 80) <= 1) & (yy < 60) & (yy >= 35)] = -900.0  # out to the front
+    false_lung = np.zeros((s, n, n), bool)
+    false_lung[:, gap] = True
+    body = np.broadcast_to(body2d | gap, (s, n, n)).copy()
+    affine = np.array([[0, 0, px, 0], [0, px, 0, 0], [-5.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    masks = {BODY: body, LUNG_LEFT: np.zeros_like(false_lung), LUNG_RIGHT: false_lung}
+    return masks, hu, (5.0, px, px), affine
+
+
+def test_a_piece_open_to_the_air_outside_the_body_is_not_lung() -> None:
+    masks, hu, spacing, affine = _thighs(gap_open=True)
+    assert masks[LUNG_RIGHT].sum() * np.prod(spacing) / 1000 > 2  # mL: judged, not a speck
+    guarded, notes = guard_lungs(masks, hu, spacing, affine, [])
+    assert not guarded[LUNG_RIGHT].any(), notes
+    assert any("open to the air outside the body" in note for note in notes), notes
+
+
+def test_the_same_piece_closed_off_from_outside_air_is_left_to_the_other_rules() -> None:
+    masks, hu, spacing, affine = _thighs(gap_open=False)
+    guarded, notes = guard_lungs(masks, hu, spacing, affine, [])
+    assert not any("open to the air" in note for note in notes), notes
+    assert guarded[LUNG_RIGHT].sum() == masks[LUNG_RIGHT].sum()
