@@ -3,9 +3,9 @@
 A lung lies inside the thoracic cavity: inside the body, under the chest wall (never
 at the skin), inside the rib cage (``analysis/ribcage.py``), above the diaphragm, filled
 with parenchyma (not the bare -1000 HU of gas), never open to the air outside the body,
-and on the patient's own side. Each connected piece of a lung mask that breaks one of these rules
-is dropped, or moved to the other lung when it lies on the other side, and a note
-says so (the node puts the notes into the SR). Before that, the trachea and main
+and on the patient's own side. Each connected piece of a lung mask that breaks one of
+these rules is dropped, or moved to the other lung when it lies on the other side, and a
+note says so (the node puts the notes into the SR). Before that, the trachea and main
 bronchi (``analysis/airways.py``: the rule and its thresholds) are taken out of both
 lungs: they are airways, not lung.
 
