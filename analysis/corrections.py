@@ -162,6 +162,16 @@ def load_corrections(path: Path) -> dict[str, Corrections]:
     return found
 
 
+def training_corrections(path: Path | None) -> dict[str, Corrections]:
+    """The corrections a training run applies: those under ``path``, or the shipped
+    folder's when ``path`` is None (none if a checkout has no such folder)."""
+    if path is None:
+        return load_corrections(CORRECTIONS_DIR) if CORRECTIONS_DIR.is_dir() else {}
+    if not path.exists():
+        raise CorrectionsError(f"{path}: no such file or folder")
+    return load_corrections(path)
+
+
 def apply_corrections(masks: Mapping[str, np.ndarray], corrections: Corrections
                       ) -> dict[str, np.ndarray]:
     """The masks after the stated corrections, in order; errors name the correction."""

@@ -275,15 +275,11 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         kwargs: dict[str, Any] = {"seed": args.seed, "real_folders": [Path(p) for p in args.real],
                                   "real_labels": args.real_labels}
         if args.real and args.real_labels == "reference":
-            from analysis.corrections import (
-                CORRECTIONS_DIR,
-                CorrectionsError,
-                load_corrections,
-            )
+            from analysis.corrections import CorrectionsError, training_corrections
 
-            source = Path(args.corrections) if args.corrections else CORRECTIONS_DIR
             try:
-                kwargs["corrections"] = load_corrections(source) if source.exists() else {}
+                kwargs["corrections"] = training_corrections(
+                    Path(args.corrections) if args.corrections else None)
             except CorrectionsError as exc:
                 raise CLIError(f"--corrections: {exc}") from None
         if args.epochs is not None:

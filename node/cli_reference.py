@@ -13,8 +13,9 @@ from node.config import Settings
 
 def cmd_reference(settings: Settings, args: argparse.Namespace) -> int:
     """Write one reference SEG per image series under the paths."""
+    from analysis.corrections import CorrectionsError, load_corrections
     from node.offline import read_folder
-    from node.reference import CorrectionsError, load_corrections, reference_for_series
+    from node.reference import reference_for_series
     from node.workflow.analyze import dataset_bytes
     from node.workflow.routing import facts_from_datasets, never_analysed
 

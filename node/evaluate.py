@@ -75,9 +75,14 @@ class SeriesScore:
                 "missed_slices": self.missed_slices}
 
 
+def _segmenters(result: PipelineResult) -> dict[str, Mapping[str, np.ndarray]]:
+    """The final masks and each segmenter's own, by name."""
+    return {"final": result.masks, **result.candidates}
+
+
 def score_masks(result: PipelineResult, reference: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Dice of the final, CNN and classical masks against each reference structure."""
-    segmenters = {"final": result.masks, **result.candidates}
+    segmenters = _segmenters(result)
     scores: dict[str, dict[str, float]] = {}
     for structure, truth in reference.items():
         labels = (LUNG_LEFT, LUNG_RIGHT) if structure == LUNGS else (structure,)
@@ -105,7 +110,7 @@ def missed_slices(result: PipelineResult, reference: Mapping[str, np.ndarray],
         truth = reference[label]
         held = truth.sum(axis=(1, 2)) * pixel_cm2 >= MIN_HELD_CM2
         counts = {"slices": int(held.sum())}
-        for name, masks in {"final": result.masks, **result.candidates}.items():
+        for name, masks in _segmenters(result).items():
             if label in masks:
                 found = (masks[label] & truth).any(axis=(1, 2))
                 counts[name] = int((held & ~found).sum())
@@ -117,7 +122,7 @@ def false_lung(result: PipelineResult, volume: ImageVolume) -> dict[str, dict[st
     """Per segmenter, the lung it found where there is none: mL, and cm2 on its worst slice."""
     pixel_cm2 = volume.spacing_mm[1] * volume.spacing_mm[2] / 100.0
     out = {}
-    for name, masks in {"final": result.masks, **result.candidates}.items():
+    for name, masks in _segmenters(result).items():
         lung = [masks[label] for label in (LUNG_LEFT, LUNG_RIGHT) if label in masks]
         if not lung:
             continue

@@ -14,15 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom import Dataset
 
-from analysis.corrections import (  # noqa: F401  (the corrections' API is this module's too)
-    SCHEMA,
-    Correction,
-    Corrections,
-    CorrectionsError,
-    apply_corrections,
-    load_corrections,
-    parse_corrections,
-)
+from analysis.corrections import Corrections, apply_corrections
 from analysis.types import LUNG_LEFT, LUNG_RIGHT
 
 SERIES_DESCRIPTION = "Reference lungs (threshold + corrections)"

@@ -68,6 +68,10 @@ def test_train_cli_names_a_bad_corrections_file(folder: Path, tmp_path: Path,
                  str(folder), "--corrections", str(bad), "--epochs", "1", "--volumes", "1"])
     assert code != 0
     assert "--corrections" in capsys.readouterr().err
+    code = main(["train", "--task", "lungs", "--out", str(tmp_path / "m"), "--real",
+                 str(folder), "--corrections", str(tmp_path / "absent"), "--epochs", "1"])
+    assert code != 0
+    assert "absent: no such file or folder" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_a_model_that_is_not_configured(folder: Path,

@@ -11,6 +11,12 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from analysis.corrections import (
+    SCHEMA,
+    CorrectionsError,
+    apply_corrections,
+    parse_corrections,
+)
 from analysis.phantoms.trunk import (
     LABEL_LUNG_LEFT,
     LABEL_LUNG_RIGHT,
@@ -23,12 +29,6 @@ from analysis.reference import reference_lungs
 from analysis.types import LUNG_LEFT, LUNG_RIGHT
 from analysis.volume import volume_from_datasets
 from node.cli import main
-from node.reference import (
-    SCHEMA,
-    CorrectionsError,
-    apply_corrections,
-    parse_corrections,
-)
 from tests.test_anatomy import _restored
 from tests.test_results import dciodvfy_clean
 
@@ -203,7 +203,7 @@ def test_no_lung_series_gets_no_seg(series, tmp_path: Path,
 
 
 def test_shipped_corrections_are_valid() -> None:
-    from node.reference import load_corrections
+    from analysis.corrections import load_corrections
 
     folder = Path(__file__).resolve().parents[1] / "analysis" / "reference_corrections"
     found = load_corrections(folder)

@@ -19,8 +19,9 @@ CORRECTIONS = Path(__file__).resolve().parents[1] / "analysis" / "reference_corr
 
 
 def _reference(folder: str):
+    from analysis.corrections import load_corrections
     from node.offline import read_folder
-    from node.reference import load_corrections, reference_for_series
+    from node.reference import reference_for_series
     from node.workflow.analyze import load_series
 
     by_series, _ = read_folder([SHARED_DATA / folder])

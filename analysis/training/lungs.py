@@ -31,7 +31,7 @@ from analysis.cnn import (
     file_sha256,
     quiet_tensorflow,
 )
-from analysis.corrections import CORRECTIONS_DIR, CorrectionsError, load_corrections
+from analysis.corrections import CorrectionsError, training_corrections
 from analysis.model_card import ModelCard, OutputLabel, Preprocessing, lung_labels
 from analysis.slice_grid import GridSpec
 from analysis.training import lung_data
@@ -495,11 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real-labels", choices=lung_data.REAL_LABELS, default="reference",
                         help="label real series by the reference procedure with their "
                              "hand-checked corrections, or by the classical pipeline")
-    parser.add_argument("--corrections", type=Path, default=CORRECTIONS_DIR, metavar="FILE|DIR",
-                        help="corrections of the references (default: %(default)s)")
+    parser.add_argument("--corrections", type=Path, metavar="FILE|DIR",
+                        help="corrections of the references (default: "
+                             "analysis/reference_corrections)")
     args = parser.parse_args(argv)
     try:
-        corrections = (load_corrections(args.corrections)
+        corrections = (training_corrections(args.corrections)
                        if args.real and args.real_labels == "reference" else {})
         card = train_lungs(
             args.out, seed=args.seed, volumes=args.volumes, epochs=args.epochs,
